@@ -1,0 +1,1 @@
+"""Quantization recipes (TOML), installed as `jaxquant.configs`; read by `jaxquant.recipes`."""

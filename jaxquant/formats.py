@@ -1,0 +1,297 @@
+"""Number formats: integer, float (fp8/fp6/fp4), codebook (nf4, dynamic8) and scale (e8m0).
+
+A `Format` is a frozen, hashable description of a grid of representable values and of
+how codes are stored. Two pure functions do the work:
+
+* `encode(fmt, y)`: float32 `y`, already divided by its scale, -> codes in
+  `fmt.code_dtype`, rounding to the nearest grid value and saturating to `±fmt.max`.
+* `decode(fmt, codes)`: codes -> float32 grid values.
+
+Rounding rules, by kind:
+
+* ``int``/``uint``: round half to even, then clip to ``[fmt.min, fmt.max]``.
+* ``float``: round to nearest, ties to even, bit-exact with ml_dtypes' casts
+  (subnormals included); out-of-range values saturate to ``±fmt.max``.
+* ``codebook``: nearest value of the table; a value exactly halfway between two
+  entries goes to the larger one. ``binary`` is the codebook {-1, +1} (0 -> +1).
+
+Storage: codes use the narrowest dtype XLA supports (``int2``, ``int4``, ``int8``,
+``uint4``, ``float8_e4m3fn``, ``float4_e2m1fn``, ...). XLA has no 6-bit float type,
+so fp6 codes are uint8 holding the 6-bit pattern (sign, exponent, mantissa).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+KINDS = ("int", "uint", "float", "codebook", "scale")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Format:
+  """A number format: its grid of values and how its codes are stored.
+
+  Attributes:
+    name: registry name, e.g. ``"int4"``.
+    kind: one of ``"int"``, ``"uint"``, ``"float"``, ``"codebook"``, ``"scale"``.
+    bits: bits per code (what `jaxquant.pack_codes` stores).
+    max: largest finite value of the grid.
+    min: smallest finite value of the grid (``-max`` for signed float formats).
+    code_dtype: dtype codes are stored in (unpacked).
+    ml_dtype: for float and scale formats, the ml_dtypes type the rounding matches.
+    table: for codebook formats, the code values sorted ascending (float32).
+    emax: exponent of the largest normal number (float formats; MX scale rule).
+  """
+
+  name: str
+  kind: str
+  bits: int
+  max: float
+  min: float
+  code_dtype: jnp.dtype
+  ml_dtype: Optional[type] = None
+  table: Optional[tuple] = None
+  emax: Optional[int] = None
+
+  def __eq__(self, other):
+    return isinstance(other, Format) and self.name == other.name
+
+  def __hash__(self):
+    return hash(("Format", self.name))
+
+  def __repr__(self):
+    return f"Format({self.name!r})"
+
+  @property
+  def signed(self) -> bool:
+    return self.min < 0
+
+  @functools.cached_property
+  def values(self) -> Optional[np.ndarray]:
+    """Sorted grid of finite values (float64 numpy), or None for > 256 values."""
+    return _grid_values(self)
+
+
+def _grid_values(fmt: Format) -> Optional[np.ndarray]:
+  if fmt.kind in ("int", "uint"):
+    return np.arange(fmt.min, fmt.max + 1, dtype=np.float64)
+  if fmt.kind == "codebook":
+    return np.asarray(fmt.table, dtype=np.float64)
+  if fmt.bits > 8:
+    return None
+  values = _float_table(fmt).astype(np.float64)
+  values = values[np.isfinite(values)]
+  return np.unique(values)  # also merges +0 and -0
+
+
+@functools.lru_cache(maxsize=None)
+def _float_table_cached(name: str) -> np.ndarray:
+  fmt = get_format(name)
+  # ml_dtypes' sub-byte float types are stored one per byte, low bits used.
+  patterns = np.arange(2**fmt.bits, dtype=np.uint8)
+  return patterns.view(fmt.ml_dtype).astype(np.float32)
+
+
+def _float_table(fmt: Format) -> np.ndarray:
+  """float32 value of every bit pattern of a <= 8-bit float format, by pattern."""
+  return _float_table_cached(fmt.name)
+
+
+# ----------------------------------------------------------------------------
+# Published code tables.
+
+# NF4 values as published with QLoRA (Dettmers et al., 2023).
+NF4_VALUES = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634,
+    0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0,
+)
+
+
+def dynamic_map(signed: bool = True) -> np.ndarray:
+  """The dynamic-tree 8-bit map of "8-bit Optimizers via Block-wise Quantization".
+
+  For i = 0..6, take 2^i + 1 (signed) or 2^(i+1) + 1 (unsigned) evenly spaced
+  points in [0.1, 1], keep the midpoints of neighbours scaled by 10^(i - 6), add
+  their negatives (signed), then 0 and 1.
+
+  Returns:
+    float32[256], sorted ascending.
+  """
+  positives = []
+  for i in range(7):
+    n = 2**i + 1 if signed else 2 ** (i + 1) + 1
+    points = np.linspace(0.1, 1.0, n)
+    positives.extend(((points[:-1] + points[1:]) / 2) * 10.0 ** (i - 6))
+  positives = np.asarray(positives)
+  values = [positives, -positives] if signed else [positives]
+  values = np.concatenate(values + [np.array([0.0, 1.0])])
+  return np.sort(values).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------
+# Registry.
+
+
+def _int_format(bits: int, signed: bool) -> Format:
+  if signed:
+    name, lo, hi = f"int{bits}", -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    dtype = jnp.int2 if bits <= 2 else jnp.int4 if bits <= 4 else jnp.int8
+  else:
+    name, lo, hi = f"uint{bits}", 0, 2**bits - 1
+    dtype = jnp.uint2 if bits <= 2 else jnp.uint4 if bits <= 4 else jnp.uint8
+  return Format(name, "int" if signed else "uint", bits, float(hi), float(lo), dtype)
+
+
+def _float_format(name: str, ml_type, code_dtype) -> Format:
+  info = ml_dtypes.finfo(ml_type)
+  bits = info.bits
+  fmax = float(info.max)
+  return Format(name, "float", bits, fmax, -fmax, code_dtype, ml_dtype=ml_type,
+                emax=int(np.floor(np.log2(fmax))))
+
+
+def _codebook_format(name: str, table, code_dtype, bits: int) -> Format:
+  table = tuple(float(v) for v in np.sort(np.asarray(table, np.float32)))
+  return Format(name, "codebook", bits, max(table), min(table), code_dtype,
+                table=table)
+
+
+def _build_registry() -> dict[str, Format]:
+  formats = [_int_format(b, True) for b in range(2, 9)]
+  formats += [_int_format(b, False) for b in range(1, 9)]
+  formats += [
+      _codebook_format("binary", (-1.0, 1.0), jnp.uint2, 1),
+      Format("ternary", "int", 2, 1.0, -1.0, jnp.int2),
+      _float_format("fp8_e4m3", ml_dtypes.float8_e4m3fn, jnp.float8_e4m3fn),
+      _float_format("fp8_e5m2", ml_dtypes.float8_e5m2, jnp.float8_e5m2),
+      _float_format("fp6_e2m3", ml_dtypes.float6_e2m3fn, jnp.uint8),
+      _float_format("fp6_e3m2", ml_dtypes.float6_e3m2fn, jnp.uint8),
+      _float_format("fp4_e2m1", ml_dtypes.float4_e2m1fn, jnp.float4_e2m1fn),
+      _codebook_format("nf4", NF4_VALUES, jnp.uint4, 4),
+      _codebook_format("dynamic8", dynamic_map(signed=True), jnp.uint8, 8),
+      _codebook_format("udynamic8", dynamic_map(signed=False), jnp.uint8, 8),
+      Format("e8m0", "scale", 8, 2.0**127, 2.0**-127, jnp.float8_e8m0fnu,
+             ml_dtype=ml_dtypes.float8_e8m0fnu, emax=127),
+  ]
+  return {f.name: f for f in formats}
+
+
+_REGISTRY = _build_registry()
+
+
+def list_formats() -> list[str]:
+  """Names of all built-in formats, in registry order."""
+  return list(_REGISTRY)
+
+
+def get_format(name: "str | Format") -> Format:
+  """The `Format` called `name` (a `Format` is returned as is).
+
+  Raises:
+    ValueError: unknown name; the message lists the known ones.
+  """
+  if isinstance(name, Format):
+    return name
+  if not isinstance(name, str) or name not in _REGISTRY:
+    raise ValueError(
+        f"format={name!r} is not a known format; known formats: "
+        f"{', '.join(_REGISTRY)}")
+  return _REGISTRY[name]
+
+
+# ----------------------------------------------------------------------------
+# Rounding onto a grid.
+
+
+def round_to_float_grid(fmt: Format, y: jax.Array) -> jax.Array:
+  """Rounds float32 `y` to `fmt`'s float grid, RNE, saturating at ±max.
+
+  Works by exponent arithmetic (exact in float32), so it covers formats XLA has no
+  dtype for (fp6). Signed zeros are kept, as in ml_dtypes.
+
+  Args:
+    fmt: a ``float`` format.
+    y: float32[...].
+  Returns:
+    float32[...] with values on the grid.
+  """
+  info = ml_dtypes.finfo(fmt.ml_dtype)
+  mant_bits = info.nmant
+  min_exp = int(info.minexp)
+  magnitude = jnp.minimum(jnp.abs(y), fmt.max)
+  _, exp = jnp.frexp(magnitude)  # magnitude = m * 2**exp, m in [0.5, 1)
+  exp = jnp.maximum(exp - 1, min_exp)
+  step = jnp.ldexp(jnp.ones_like(magnitude), exp - mant_bits)
+  rounded = jnp.round(magnitude / step) * step  # jnp.round is half to even
+  return jnp.copysign(rounded, y)
+
+
+def _float_to_codes(fmt: Format, y: jax.Array) -> jax.Array:
+  if fmt.code_dtype != jnp.uint8:
+    # XLA's convert rounds to nearest even; clipping first makes it saturate.
+    return jnp.clip(y, -fmt.max, fmt.max).astype(fmt.code_dtype)
+  rounded = round_to_float_grid(fmt, y)
+  magnitudes = jnp.asarray(_float_table(fmt)[: 2 ** (fmt.bits - 1)])
+  magnitude_bits = jnp.searchsorted(magnitudes, jnp.abs(rounded)).astype(jnp.uint8)
+  sign_bit = jnp.signbit(rounded).astype(jnp.uint8) << (fmt.bits - 1)
+  return sign_bit | magnitude_bits
+
+
+def nearest_index(table: jax.Array, y: jax.Array) -> jax.Array:
+  """Index of the nearest entry of sorted `table` for each element of `y` (int32).
+
+  Exactly-halfway values go to the larger entry.
+  """
+  midpoints = (table[:-1] + table[1:]) / 2
+  return jnp.searchsorted(midpoints, y, side="right").astype(jnp.int32)
+
+
+def encode(fmt: Format, y: jax.Array) -> jax.Array:
+  """Codes of float32 `y` (already divided by its scale) in `fmt.code_dtype`."""
+  y = y.astype(jnp.float32)
+  if fmt.kind in ("int", "uint"):
+    return jnp.clip(jnp.round(y), fmt.min, fmt.max).astype(fmt.code_dtype)
+  if fmt.kind == "float":
+    return _float_to_codes(fmt, y)
+  if fmt.kind == "codebook":
+    table = jnp.asarray(fmt.table, jnp.float32)
+    return nearest_index(table, y).astype(fmt.code_dtype)
+  raise ValueError(f"format {fmt.name!r} is a scale format and holds no codes")
+
+
+def decode(fmt: Format, codes: jax.Array) -> jax.Array:
+  """float32 grid values of `codes` (inverse of `encode` on the grid)."""
+  if fmt.kind == "codebook":
+    return jnp.asarray(fmt.table, jnp.float32)[codes.astype(jnp.int32)]
+  if fmt.kind == "float" and fmt.code_dtype == jnp.uint8:
+    return jnp.asarray(_float_table(fmt))[codes.astype(jnp.int32)]
+  return codes.astype(jnp.float32)
+
+
+def stochastic_encode(fmt: Format, y: jax.Array, key: jax.Array) -> jax.Array:
+  """Codes of `y`, rounded up or down at random so that E[decode(codes)] = y.
+
+  The probability of rounding up is the distance to the lower neighbour divided by
+  the gap between the two grid values enclosing `y` (saturating at the ends).
+  """
+  if fmt.values is None:
+    raise ValueError(f"stochastic rounding needs a grid of <= 256 values; "
+                     f"{fmt.name!r} has more")
+  y = jnp.clip(y.astype(jnp.float32), fmt.min, fmt.max)
+  grid = jnp.asarray(fmt.values, jnp.float32)
+  upper = jnp.clip(jnp.searchsorted(grid, y, side="left"), 1, grid.size - 1)
+  lo, hi = grid[upper - 1], grid[upper]
+  p_up = (y - lo) / (hi - lo)
+  u = jax.random.uniform(key, y.shape, jnp.float32)
+  chosen = jnp.where(u < p_up, hi, lo)
+  return encode(fmt, chosen)
