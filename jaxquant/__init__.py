@@ -18,5 +18,6 @@ from jaxquant.tree import TreeReport
 from jaxquant.tree import dequantize_tree
 from jaxquant.tree import quantize_tree
 from jaxquant.tree import tree_report
+from jaxquant import checkpoint
 
 __version__ = "0.1.0"

@@ -242,9 +242,29 @@ def _float_to_codes(fmt: Format, y: jax.Array) -> jax.Array:
     return jnp.clip(y, -fmt.max, fmt.max).astype(fmt.code_dtype)
   rounded = round_to_float_grid(fmt, y)
   magnitudes = jnp.asarray(_float_table(fmt)[: 2 ** (fmt.bits - 1)])
-  magnitude_bits = jnp.searchsorted(magnitudes, jnp.abs(rounded)).astype(jnp.uint8)
+  magnitude_bits = count_sorted(magnitudes, jnp.abs(rounded), inclusive=False)
+  magnitude_bits = magnitude_bits.astype(jnp.uint8)
   sign_bit = jnp.signbit(rounded).astype(jnp.uint8) << (fmt.bits - 1)
   return sign_bit | magnitude_bits
+
+
+def count_sorted(table: jax.Array, y: jax.Array, *, inclusive: bool) -> jax.Array:
+  """Number of entries of sorted `table` below `y` (``<= y`` if `inclusive`), int32.
+
+  A branchless binary search: log2(len(table)) rounds of a small gather and a
+  compare, elementwise in `y`, so it keeps `y`'s sharding (jnp.searchsorted does
+  not under a mesh) and fuses into the surrounding elementwise code.
+  """
+  size = 1 << max(int(table.shape[0]), 1).bit_length()  # power of two > len(table)
+  padded = jnp.concatenate([table, jnp.full((size - table.shape[0],), jnp.inf, table.dtype)])
+  count = jnp.zeros(y.shape, jnp.int32)
+  step = size // 2
+  while step:
+    probe = padded[count + (step - 1)]
+    below = probe <= y if inclusive else probe < y
+    count = jnp.where(below, count + step, count)
+    step //= 2
+  return count
 
 
 def nearest_index(table: jax.Array, y: jax.Array) -> jax.Array:
@@ -253,7 +273,7 @@ def nearest_index(table: jax.Array, y: jax.Array) -> jax.Array:
   Exactly-halfway values go to the larger entry.
   """
   midpoints = (table[:-1] + table[1:]) / 2
-  return jnp.searchsorted(midpoints, y, side="right").astype(jnp.int32)
+  return count_sorted(midpoints, y, inclusive=True)
 
 
 def encode(fmt: Format, y: jax.Array) -> jax.Array:
@@ -289,7 +309,7 @@ def stochastic_encode(fmt: Format, y: jax.Array, key: jax.Array) -> jax.Array:
                      f"{fmt.name!r} has more")
   y = jnp.clip(y.astype(jnp.float32), fmt.min, fmt.max)
   grid = jnp.asarray(fmt.values, jnp.float32)
-  upper = jnp.clip(jnp.searchsorted(grid, y, side="left"), 1, grid.size - 1)
+  upper = jnp.clip(count_sorted(grid, y, inclusive=False), 1, grid.size - 1)
   lo, hi = grid[upper - 1], grid[upper]
   p_up = (y - lo) / (hi - lo)
   u = jax.random.uniform(key, y.shape, jnp.float32)

@@ -105,6 +105,18 @@ def to_bit_patterns(codes: jax.Array, bits: int) -> jax.Array:
   return codes.astype(jnp.int32).astype(jnp.uint32) & mask
 
 
+def _bits_of(x: jax.Array, width: int) -> jax.Array:
+  """uint32[...] -> uint32[..., width], its low `width` bits, least significant first."""
+  shifts = jnp.arange(width, dtype=jnp.uint32).reshape((1,) * x.ndim + (width,))
+  return (x[..., None] >> shifts) & 1
+
+
+def _from_bits(bit_stream: jax.Array, width: int) -> jax.Array:
+  """Inverse of `_bits_of`: uint32[..., width] bits -> uint32[...]."""
+  shifts = jnp.arange(width, dtype=jnp.uint32).reshape((1,) * (bit_stream.ndim - 1) + (width,))
+  return jnp.sum(bit_stream << shifts, axis=-1, dtype=jnp.uint32)
+
+
 def pack_codes(codes: jax.Array, bits: int, axis: int = -1) -> jax.Array:
   """Packs codes of `bits` bits densely into uint8 words along `axis`.
 
@@ -138,11 +150,9 @@ def pack_codes(codes: jax.Array, bits: int, axis: int = -1) -> jax.Array:
   x = jnp.moveaxis(patterns, axis, -1)
   lead = x.shape[:-1]
   x = x.reshape(*lead, n // group, group)
-  bit_index = jnp.arange(bits, dtype=jnp.uint32)
-  bit_stream = (x[..., None] >> bit_index) & 1  # [..., groups, group, bits]
+  bit_stream = _bits_of(x, bits)  # [..., groups, group, bits]
   bit_stream = bit_stream.reshape(*lead, n // group, group * bits // 8, 8)
-  weights = jnp.left_shift(jnp.uint32(1), jnp.arange(8, dtype=jnp.uint32))
-  words = jnp.sum(bit_stream * weights, axis=-1).astype(jnp.uint8)
+  words = _from_bits(bit_stream, 8).astype(jnp.uint8)
   words = words.reshape(*lead, n * bits // 8)
   return jnp.moveaxis(words, -1, axis)
 
@@ -172,10 +182,8 @@ def unpack_codes(words: jax.Array, bits: int, dtype, axis: int = -1) -> jax.Arra
   if bits == 8:
     patterns = x
   else:
-    bit_stream = (x[..., None] >> jnp.arange(8, dtype=jnp.uint32)) & 1
-    bit_stream = bit_stream.reshape(*lead, n, bits)
-    weights = jnp.left_shift(jnp.uint32(1), jnp.arange(bits, dtype=jnp.uint32))
-    patterns = jnp.sum(bit_stream * weights, axis=-1)
+    bit_stream = _bits_of(x, 8).reshape(*lead, n, bits)
+    patterns = _from_bits(bit_stream, bits)
   patterns = jnp.moveaxis(patterns, -1, axis)
   return from_bit_patterns(patterns, bits, dtype)
 
