@@ -65,7 +65,11 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxquant.qarray import QArray, from_bit_patterns, pack_codes, to_bit_patterns, unpack_codes
+from jaxquant.qarray import QArray
+from jaxquant.qarray import from_bit_patterns
+from jaxquant.qarray import pack_codes
+from jaxquant.qarray import to_bit_patterns
+from jaxquant.qarray import unpack_codes
 from jaxquant.quantize import QuantSpec
 
 FORMAT_VERSION = 1
@@ -144,7 +148,7 @@ def _packed_size(size: int, bits: int) -> int:
 
 
 def _flattenable(x: jax.Array) -> jax.Array:
-  """`x`, replicated if sharded over Explicit mesh axes (they forbid `_pack_flat`'s reshape)."""
+  """`x`, replicated if sharded over Explicit mesh axes (they reject flattening)."""
   sharding = getattr(x, "sharding", None)
   if (isinstance(sharding, NamedSharding) and any(sharding.spec)
       and jax.sharding.AxisType.Explicit in sharding.mesh.axis_types):
@@ -249,11 +253,11 @@ def _decode(description: dict, arrays: Mapping) -> Any:
 
 def _decode_qarray(description: dict, arrays: Mapping) -> QArray:
   codes_entry = description["codes"]
-  words = jnp.asarray(_lookup(arrays, codes_entry["key"]))
+  words = _lookup(arrays, codes_entry["key"])
   bits, shape = codes_entry["packed_bits"], tuple(codes_entry["shape"])
   _check_stored(words, codes_entry, "uint8",
                 [_packed_size(math.prod(shape), bits) * bits // 8])
-  codes = _unpack_flat(words, bits, np.dtype(codes_entry["dtype"]), shape)
+  codes = _unpack_flat(jnp.asarray(words), bits, np.dtype(codes_entry["dtype"]), shape)
   children = {name: None if entry is None else
               _decode_array(_lookup(arrays, entry["key"]), entry)
               for name, entry in description.items()
@@ -321,11 +325,9 @@ def save(path: str | os.PathLike, tree: Any, *, overwrite: bool = False) -> None
   path = _resolve(path)
   _check_writable(path, overwrite)
   arrays = {}
-  metadata = {"format_version": FORMAT_VERSION,
-              "jaxquant_version": jaxquant.__version__,
-              "num_arrays": 0,
-              "tree": _encode(tree, "<root>", arrays)}
-  metadata["num_arrays"] = len(arrays)
+  description = _encode(tree, "<root>", arrays)
+  metadata = {"format_version": FORMAT_VERSION, "jaxquant_version": jaxquant.__version__,
+              "num_arrays": len(arrays), "tree": description}
   primary = jax.process_index() == 0
   if arrays:
     with ocp.StandardCheckpointer() as checkpointer:
@@ -363,9 +365,7 @@ def restore(path: str | os.PathLike) -> Any:
     metadata = json.loads(metadata_path.read_text())
   except json.JSONDecodeError as e:
     raise ValueError(f"{metadata_path} is not valid JSON: {e}") from e
-  if not isinstance(metadata, dict):
-    raise ValueError(f"{metadata_path} holds a {type(metadata).__name__}; expected "
-                     "a JSON object")
+  metadata = metadata if isinstance(metadata, dict) else {}
   found = metadata.get("format_version")
   if found != FORMAT_VERSION:
     writer = metadata.get("jaxquant_version", "unknown")

@@ -9,10 +9,12 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import jaxquant as jq
 
 
-@pytest.fixture(scope="module")
-def mesh():
+@pytest.fixture(scope="module", params=["explicit", "auto"])
+def mesh(request):
   assert jax.device_count() == 8
-  return jax.make_mesh((2, 4), ("data", "model"))
+  axis_type = {"explicit": jax.sharding.AxisType.Explicit,
+               "auto": jax.sharding.AxisType.Auto}[request.param]
+  return jax.make_mesh((2, 4), ("data", "model"), axis_types=(axis_type, axis_type))
 
 
 CASES = [
