@@ -247,6 +247,7 @@ def load_or_train_demo_params(seed: int = 0, *, steps: int = DEFAULT_STEPS,
     if params is not None and is_demo_params(params):
       return params
     say(f"Replacing the demo model cache at {path}: {reason}.")
+  load_digits_split()  # fails first if scikit-learn is missing
   say(f"Training the demo model (first use): MLP {NUM_FEATURES}-"
       f"{'-'.join(map(str, HIDDEN))}-{NUM_CLASSES} on scikit-learn's digits, "
       f"{steps} Adam steps, seed {seed} ...", flush=True)

@@ -4,25 +4,26 @@ A recipe file has a name, a description and an ordered list of rules; the first
 rule whose ``pattern`` fully matches a leaf's "/"-joined path (``params/Dense_0/
 kernel``) decides what happens to it, and leaves no rule matches stay as they are::
 
-  name = "int8"
-  description = "int8 weights, one scale per output channel; biases stay float."
+  name = "mixed"
+  description = "nvfp4 output projections, int8 elsewhere; biases stay float."
 
   [[rules]]
   pattern = ".*bias"
   keep = true                      # keep matching leaves in float
 
   [[rules]]
+  pattern = ".*/out_proj/kernel"
+  preset = "nvfp4"                 # a preset of `jq.list_presets()`, with optional
+  axis = 0                         #   axis (the one the blocks run along) and ndim
+  ndim = 2
+
+  [[rules]]
   pattern = ".*kernel"
-  format = "int8"                  # QuantSpec fields, all optional but format:
+  format = "int8"                  # or QuantSpec fields, all optional but format:
   channel_axes = [-1]              #   channel_axes, block_sizes = { -2 = 128 },
                                    #   symmetric, calibration, scale_dtype
                                    #   ("float32", "bfloat16", "fp8_e4m3", "e8m0"),
                                    #   full_range, tensor_scale
-  [[rules]]
-  pattern = ".*/out_proj/kernel"
-  preset = "nvfp4"                 # or a preset of `jq.list_presets()`,
-  axis = 0                         #   with optional axis (of the blocks) and ndim
-  ndim = 2
 
 Recipes shipped with jaxquant live in ``configs/`` (the package `jaxquant.configs`)
 and are loaded by name: ``load_recipe("int4-g128")``. Anything else is a path.
