@@ -19,5 +19,6 @@ from jaxquant.tree import dequantize_tree
 from jaxquant.tree import quantize_tree
 from jaxquant.tree import tree_report
 from jaxquant import checkpoint
+from jaxquant import optim
 
 __version__ = "0.1.0"

@@ -11,8 +11,8 @@ Layout of a checkpoint directory::
                     (``leaf_4/{codes,scale,zero_point,tensor_scale}``).
 
 The structure lives in ``jaxquant.json``, so `restore` rebuilds dicts, lists,
-tuples, python values and QArrays (spec and original dtype included) without a
-target. Array data goes through orbax, so sharded and multi-host saves work the
+tuples, NamedTuples (optax states: re-imported by module and name, fields checked),
+python values and QArrays (spec and original dtype included) without a target. Array data goes through orbax, so sharded and multi-host saves work the
 orbax way: every process calls `save`; only process 0 writes the metadata.
 
 Dtypes. tensorstore, under orbax, has no uint4 or uint2 and no 6-bit floats, so:
@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import json
 import math
 import os
@@ -206,9 +207,35 @@ def _encode(node, where: str, arrays: dict) -> dict:
   if type(node) in (list, tuple):
     items = [_encode(v, f"{where}/{i}", arrays) for i, v in enumerate(node)]
     return {"kind": type(node).__name__, "items": items}
+  if _is_namedtuple(node):
+    items = [_encode(v, f"{where}/{name}", arrays) for name, v in zip(node._fields, node)]
+    cls = type(node)
+    return {"kind": "namedtuple", "type": f"{cls.__module__}:{cls.__qualname__}",
+            "fields": list(node._fields), "items": items}
   raise TypeError(f"cannot checkpoint the {type(node).__name__} at {where}; expected "
-                  "dicts, lists, tuples, arrays, QArrays, nnx.State, or python "
-                  "bool/int/float/str/None")
+                  "dicts, lists, tuples, NamedTuples, arrays, QArrays, nnx.State, or "
+                  "python bool/int/float/str/None")
+
+
+def _is_namedtuple(node) -> bool:
+  return isinstance(node, tuple) and hasattr(type(node), "_fields")
+
+
+def _namedtuple_class(type_name: str, fields: list[str]):
+  """The NamedTuple class `module:qualname` (e.g. optax's states), checked."""
+  module_name, _, qualname = type_name.partition(":")
+  try:
+    cls = importlib.import_module(module_name)
+    for part in qualname.split("."):
+      cls = getattr(cls, part)
+  except (ImportError, AttributeError) as e:
+    raise ValueError(f"the checkpoint holds a {type_name}, which cannot be imported "
+                     f"here: {e}") from e
+  if not (isinstance(cls, type) and issubclass(cls, tuple)
+          and list(getattr(cls, "_fields", ())) == fields):
+    raise ValueError(f"{type_name} here is not the NamedTuple with fields {fields} "
+                     "that the checkpoint was written with")
+  return cls
 
 
 def _encode_qarray(q: QArray, where: str, arrays: dict) -> dict:
@@ -244,6 +271,9 @@ def _decode(description: dict, arrays: Mapping) -> Any:
   if kind in ("list", "tuple"):
     items = [_decode(v, arrays) for v in description["items"]]
     return items if kind == "list" else tuple(items)
+  if kind == "namedtuple":
+    cls = _namedtuple_class(description["type"], description["fields"])
+    return cls(*[_decode(v, arrays) for v in description["items"]])
   if kind == "array":
     return _decode_array(_lookup(arrays, description["key"]), description)
   if kind == "qarray":

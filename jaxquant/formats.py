@@ -117,25 +117,37 @@ NF4_VALUES = (
 )
 
 
-def dynamic_map(signed: bool = True) -> np.ndarray:
-  """The dynamic-tree 8-bit map of "8-bit Optimizers via Block-wise Quantization".
+def dynamic_map(signed: bool = True, bits: int = 8) -> np.ndarray:
+  """The dynamic-tree map of "8-bit Optimizers via Block-wise Quantization".
 
-  For i = 0..6, take 2^i + 1 (signed) or 2^(i+1) + 1 (unsigned) evenly spaced
-  points in [0.1, 1], keep the midpoints of neighbours scaled by 10^(i - 6), add
-  their negatives (signed), then 0 and 1.
+  For i = 0 .. bits - 2, take 2^i + 1 (signed) or 2^(i+1) + 1 (unsigned) evenly
+  spaced points in [0.1, 1], keep the midpoints of neighbours scaled by
+  10^(i - (bits - 2)), add their negatives (signed), then 0 and 1. With bits=8 this
+  is the paper's map; fewer bits drop the smallest decades.
 
   Returns:
-    float32[256], sorted ascending.
+    float32[2**bits], sorted ascending.
   """
   positives = []
-  for i in range(7):
+  for i in range(bits - 1):
     n = 2**i + 1 if signed else 2 ** (i + 1) + 1
     points = np.linspace(0.1, 1.0, n)
-    positives.extend(((points[:-1] + points[1:]) / 2) * 10.0 ** (i - 6))
+    positives.extend(((points[:-1] + points[1:]) / 2) * 10.0 ** (i - (bits - 2)))
   positives = np.asarray(positives)
   values = [positives, -positives] if signed else [positives]
   values = np.concatenate(values + [np.array([0.0, 1.0])])
   return np.sort(values).astype(np.float32)
+
+
+def nonzero_unsigned_dynamic_map(bits: int) -> np.ndarray:
+  """The unsigned dynamic map with 0 replaced by a tenth of its smallest positive.
+
+  For 4-bit second moments: a code for exactly 0 would turn a small second moment
+  into 0 and the Adam update m / (sqrt(v) + eps) into m / eps.
+  """
+  values = dynamic_map(signed=False, bits=bits)
+  values[0] = values[1] / 10
+  return values
 
 
 # ----------------------------------------------------------------------------
@@ -180,6 +192,8 @@ def _build_registry() -> dict[str, Format]:
       _codebook_format("nf4", NF4_VALUES, jnp.uint4, 4),
       _codebook_format("dynamic8", dynamic_map(signed=True), jnp.uint8, 8),
       _codebook_format("udynamic8", dynamic_map(signed=False), jnp.uint8, 8),
+      _codebook_format("dynamic4", dynamic_map(signed=True, bits=4), jnp.uint4, 4),
+      _codebook_format("udynamic4_nonzero", nonzero_unsigned_dynamic_map(4), jnp.uint4, 4),
       Format("e8m0", "scale", 8, 2.0**127, 2.0**-127, jnp.float8_e8m0fnu,
              ml_dtype=ml_dtypes.float8_e8m0fnu, emax=127),
   ]

@@ -272,11 +272,16 @@ def _pow2_scale(fmt, amax):
 
 
 def _round_scale(spec, raw):
-  """Scale to the spec's scale dtype; raw is float32, positive."""
+  """Scale to the spec's scale dtype; raw is float32, >= 0.
+
+  A group of zeros (raw == 0) keeps scale 0, so it dequantizes to exact zeros
+  whatever the format's grid (even one without 0). Other scales are clamped to
+  the scale dtype's normal range, so they never round to 0 or inf.
+  """
   dtype = _SCALE_DTYPES[spec.scale_dtype]
   if spec.scale_dtype != "float32":
     info = ml_dtypes.finfo(dtype)
-    raw = jnp.clip(raw, float(info.tiny), float(info.max))
+    raw = jnp.where(raw > 0, jnp.clip(raw, float(info.tiny), float(info.max)), 0.0)
   return raw.astype(dtype)
 
 
@@ -302,9 +307,8 @@ def _scales(spec, lo, hi, tensor_scale):
     raw = amax / _symmetric_divisor(spec)
     if tensor_scale is not None:
       raw = raw / tensor_scale
-    return _round_scale(spec, jnp.where(raw > 0, raw, 1.0)), None
+    return _round_scale(spec, raw), None
   raw = (hi - lo) / (fmt.max - fmt.min)
-  raw = jnp.where(raw > 0, raw, 1.0)
   if spec.scale_dtype == "e8m0":
     scale = _pow2_scale(formats_lib.get_format("uint1"), raw)  # smallest 2^k >= raw
   else:

@@ -101,6 +101,17 @@ def test_dynamic_maps_follow_the_paper_construction():
   np.testing.assert_allclose(unsigned[-2], 1 - 0.9 / 256, rtol=1e-6)  # 129 points
 
 
+def test_four_bit_dynamic_maps():
+  signed = jq.get_format("dynamic4").values
+  assert signed.size == 16 and signed[-1] == 1.0 and 0.0 in signed
+  # Decades i = 0, 1, 2: 1 + 2 + 4 midpoints each side, the largest 1 - 0.9 / 8.
+  np.testing.assert_allclose(signed[-2], 1 - 0.9 / 8, rtol=1e-6)
+  np.testing.assert_allclose(signed[signed > 0][0], 0.55e-2, rtol=1e-6)
+  nonzero = jq.get_format("udynamic4_nonzero").values
+  assert nonzero.size == 16 and np.all(nonzero > 0)
+  np.testing.assert_allclose(nonzero[:2], [0.325e-3, 0.325e-2], rtol=1e-6)
+
+
 def test_e8m0_is_powers_of_two():
   values = jq.get_format("e8m0").values
   assert values.size == 255

@@ -258,3 +258,13 @@ def test_spec_is_hashable_and_normalized():
   b = jq.QuantSpec(jq.get_format("int4"), block_sizes=((0, 128),), scale_dtype="bfloat16")
   assert a == b and hash(a) == hash(b)
   assert a.block_size_dict == {0: 128}
+
+
+@pytest.mark.parametrize("fmt", ["udynamic4_nonzero", "binary", "int8", "nf4"])
+@pytest.mark.parametrize("scale_dtype", ["float32", "bfloat16", "fp8_e4m3"])
+def test_a_group_of_zeros_dequantizes_to_exact_zeros(fmt, scale_dtype):
+  x = jnp.zeros((64, 4)).at[:, 1].set(jnp.linspace(0.1, 1.0, 64))
+  q = jq.quantize(x, jq.QuantSpec(fmt, channel_axes=(1,), scale_dtype=scale_dtype))
+  x_hat = np.asarray(jq.dequantize(q))
+  np.testing.assert_array_equal(x_hat[:, [0, 2, 3]], 0.0)
+  assert np.abs(x_hat[:, 1]).max() > 0.5

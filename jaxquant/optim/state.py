@@ -1,0 +1,101 @@
+"""Block-wise quantized optimizer state ("8-bit Optimizers via Block-wise Quantization").
+
+A state leaf (a moment of one parameter) is stored as a `QArray`: blocks of
+`block_size` consecutive elements along one axis, each with its own float32
+absmax, and codes in the dynamic-tree map (signed for first moments, unsigned for
+second moments). Blocks run along a single axis of the parameter's own shape and
+every other axis keeps a scale per index, so the state is sharded like its
+parameter and a block never straddles a shard whose size along that axis is a
+multiple of the block. Leaves smaller than `min_size` elements keep float32 state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from jaxquant.qarray import QArray
+from jaxquant.quantize import QuantSpec, dequantize, quantize
+
+_SMALLEST_BLOCK = 32
+
+
+def block_axis(shape: tuple[int, ...], block_size: int) -> Optional[tuple[int, int]]:
+  """(axis, block) for a state leaf of `shape`, or None when nothing fits.
+
+  The last axis whose length `block_size` divides wins; failing that, the axis
+  with the largest power-of-two divisor between 32 and `block_size`.
+  """
+  for axis in reversed(range(len(shape))):
+    if shape[axis] % block_size == 0:
+      return axis, block_size
+  best = None
+  for axis in reversed(range(len(shape))):
+    block = block_size
+    while block >= _SMALLEST_BLOCK and shape[axis] % block:
+      block //= 2
+    if block >= _SMALLEST_BLOCK and (best is None or block > best[1]):
+      best = (axis, block)
+  return best
+
+
+@dataclasses.dataclass(frozen=True)
+class StateQuantizer:
+  """How optimizer state leaves are stored.
+
+  Attributes:
+    signed_format: format of signed moments (first moments, momentum).
+    unsigned_format: format of non-negative moments (second moments).
+    block_size: elements per block along the chosen axis.
+    min_size: leaves with fewer elements keep float32 state.
+  """
+
+  signed_format: str = "dynamic8"
+  unsigned_format: str = "udynamic8"
+  block_size: int = 256
+  min_size: int = 4096
+
+  def __post_init__(self):
+    if self.block_size < 1 or self.block_size & (self.block_size - 1):
+      raise ValueError(f"block_size={self.block_size} must be a power of two")
+    if self.min_size < 0:
+      raise ValueError(f"min_size={self.min_size} must be >= 0")
+
+  def spec(self, shape: tuple[int, ...], *, signed: bool) -> Optional[QuantSpec]:
+    """The spec of a state leaf of `shape`, or None to keep it in float32."""
+    if math.prod(shape) < self.min_size or not shape:
+      return None
+    placement = block_axis(tuple(shape), self.block_size)
+    if placement is None:
+      return None
+    axis, block = placement
+    fmt = self.signed_format if signed else self.unsigned_format
+    others = tuple(a for a in range(len(shape)) if a != axis)
+    return QuantSpec(fmt, channel_axes=others, block_sizes={axis: block})
+
+  def zeros(self, param: jax.Array, *, signed: bool):
+    """A zero state leaf for `param`: a QArray, or float32 zeros."""
+    zeros = jnp.zeros(param.shape, jnp.float32)
+    spec = self.spec(param.shape, signed=signed)
+    return zeros if spec is None else quantize(zeros, spec)
+
+  def like(self, value: jax.Array, previous):
+    """Stores float32 `value` the way `previous` (the old state leaf) was stored."""
+    if isinstance(previous, QArray):
+      return quantize(value, previous.spec)
+    return value.astype(jnp.float32)
+
+
+def load(leaf) -> jax.Array:
+  """A state leaf as float32 (dequantized when it is a QArray)."""
+  if isinstance(leaf, QArray):
+    return dequantize(leaf, jnp.float32)
+  return leaf.astype(jnp.float32)
+
+
+def is_state_leaf(x) -> bool:
+  return isinstance(x, QArray)
