@@ -262,6 +262,16 @@ def _float_to_codes(fmt: Format, y: jax.Array) -> jax.Array:
   return sign_bit | magnitude_bits
 
 
+def table_lookup(table, index: jax.Array) -> jax.Array:
+  """``table[index]`` for a small constant table, sharded like `index`.
+
+  Under an Explicit mesh a plain gather from an unsharded table cannot infer its
+  output sharding; this names it (the index's), so lookups stay local.
+  """
+  table = jnp.asarray(table)
+  return table.at[index].get(out_sharding=jax.typeof(index).sharding)
+
+
 def count_sorted(table: jax.Array, y: jax.Array, *, inclusive: bool) -> jax.Array:
   """Number of entries of sorted `table` below `y` (``<= y`` if `inclusive`), int32.
 
@@ -274,20 +284,69 @@ def count_sorted(table: jax.Array, y: jax.Array, *, inclusive: bool) -> jax.Arra
   count = jnp.zeros(y.shape, jnp.int32)
   step = size // 2
   while step:
-    probe = padded[count + (step - 1)]
+    probe = table_lookup(padded, count + (step - 1))
     below = probe <= y if inclusive else probe < y
     count = jnp.where(below, count + step, count)
     step //= 2
   return count
 
 
-def nearest_index(table: jax.Array, y: jax.Array) -> jax.Array:
-  """Index of the nearest entry of sorted `table` for each element of `y` (int32).
+def _monotonic_key(y):
+  """int32 keys ordered like the float32 values (bit trick; -0.0 sorts below +0.0)."""
+  bits = y.view(np.int32) if isinstance(y, np.ndarray) else jax.lax.bitcast_convert_type(
+      y, jnp.int32)
+  return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
-  Exactly-halfway values go to the larger entry.
+
+@dataclasses.dataclass(frozen=True)
+class _BucketedTable:
+  """Nearest-entry search for a sorted table in O(1): bucket lookup + compare.
+
+  Buckets split the float32 line by the top bits of its ordered integer keys
+  (`shift` low bits dropped: 2^(23 - shift) buckets per octave). `first[b]` counts
+  the midpoints below bucket b; at most `max_per_bucket` midpoints fall inside a
+  bucket, so as many compare-and-step rounds finish the count exactly.
   """
-  midpoints = (table[:-1] + table[1:]) / 2
-  return count_sorted(midpoints, y, inclusive=True)
+
+  midpoints: np.ndarray  # float32[n - 1] and one +inf
+  first: np.ndarray  # uint8/int32[buckets]
+  key_offset: int
+  shift: int
+  max_per_bucket: int
+
+
+@functools.lru_cache(maxsize=None)
+def _bucketed_table(name: str) -> _BucketedTable:
+  table = np.asarray(get_format(name).table, np.float32)
+  midpoints = ((table[:-1].astype(np.float64) + table[1:]) / 2).astype(np.float32)
+  mid_keys = _monotonic_key(midpoints).astype(np.int64)
+  lo_key, hi_key = (int(k) for k in _monotonic_key(table[[0, -1]]).astype(np.int64))
+  for shift in range(23, 8, -1):
+    offset = lo_key >> shift
+    starts = (np.arange(offset, (hi_key >> shift) + 1, dtype=np.int64) << shift)
+    first = np.searchsorted(mid_keys, starts, side="left")
+    per_bucket = np.diff(np.append(first, len(midpoints)))
+    if per_bucket.max() <= 1 or len(starts) > 2**16:
+      break
+  dtype = np.uint8 if len(midpoints) < 256 else np.int32
+  return _BucketedTable(np.append(midpoints, np.float32(np.inf)), first.astype(dtype),
+                        offset, shift, int(per_bucket.max()))
+
+
+def nearest_code(fmt: Format, y: jax.Array) -> jax.Array:
+  """Index (int32) of the entry of `fmt.table` nearest to each element of `y`.
+
+  Exactly-halfway values go to the larger entry. A bucket lookup plus one or two
+  compares per element (the table decides), all elementwise gathers from small
+  constant tables, so it keeps `y`'s sharding and fuses with its neighbours.
+  """
+  search = _bucketed_table(fmt.name)
+  y = jnp.clip(y, fmt.table[0], fmt.table[-1])
+  bucket = (_monotonic_key(y) >> search.shift) - search.key_offset
+  count = table_lookup(search.first, bucket).astype(jnp.int32)
+  for _ in range(search.max_per_bucket):
+    count = count + (table_lookup(search.midpoints, count) <= y).astype(jnp.int32)
+  return count
 
 
 def encode(fmt: Format, y: jax.Array) -> jax.Array:
@@ -298,17 +357,16 @@ def encode(fmt: Format, y: jax.Array) -> jax.Array:
   if fmt.kind == "float":
     return _float_to_codes(fmt, y)
   if fmt.kind == "codebook":
-    table = jnp.asarray(fmt.table, jnp.float32)
-    return nearest_index(table, y).astype(fmt.code_dtype)
+    return nearest_code(fmt, y).astype(fmt.code_dtype)
   raise ValueError(f"format {fmt.name!r} is a scale format and holds no codes")
 
 
 def decode(fmt: Format, codes: jax.Array) -> jax.Array:
   """float32 grid values of `codes` (inverse of `encode` on the grid)."""
   if fmt.kind == "codebook":
-    return jnp.asarray(fmt.table, jnp.float32)[codes.astype(jnp.int32)]
+    return table_lookup(np.asarray(fmt.table, np.float32), codes.astype(jnp.int32))
   if fmt.kind == "float" and fmt.code_dtype == jnp.uint8:
-    return jnp.asarray(_float_table(fmt))[codes.astype(jnp.int32)]
+    return table_lookup(_float_table(fmt), codes.astype(jnp.int32))
   return codes.astype(jnp.float32)
 
 
@@ -324,7 +382,7 @@ def stochastic_encode(fmt: Format, y: jax.Array, key: jax.Array) -> jax.Array:
   y = jnp.clip(y.astype(jnp.float32), fmt.min, fmt.max)
   grid = jnp.asarray(fmt.values, jnp.float32)
   upper = jnp.clip(count_sorted(grid, y, inclusive=False), 1, grid.size - 1)
-  lo, hi = grid[upper - 1], grid[upper]
+  lo, hi = table_lookup(grid, upper - 1), table_lookup(grid, upper)
   p_up = (y - lo) / (hi - lo)
   u = jax.random.uniform(key, y.shape, jnp.float32)
   chosen = jnp.where(u < p_up, hi, lo)

@@ -25,7 +25,7 @@ def test_registry_lists_every_format_of_the_contract():
   names = jq.list_formats()
   expected = ([f"int{b}" for b in range(2, 9)] + [f"uint{b}" for b in range(1, 9)] +
               ["binary", "ternary", *FLOAT_FORMATS, "nf4", "dynamic8", "udynamic8",
-               "e8m0"])
+               "dynamic4", "udynamic4_nonzero", "e8m0"])
   assert sorted(names) == sorted(expected)
   for name in names:
     assert jq.get_format(name).name == name

@@ -1,0 +1,139 @@
+"""Step time and state memory of 8-bit AdamW against optax.adamw, in one process.
+
+For pytrees of 16M and 64M float32 parameters (Dense-like 2-D leaves), times one
+jitted `update` + `apply_updates` step (state and params donated, warm, median of
+`--repeats`) of `optax.adamw` and `jaxquant.optim.adamw_8bit` (and `adamw_4bit`),
+and prints the ratio to optax (target <= 1.5x) and the state bytes ratio (target
+<= 0.26x). When bitsandbytes and torch are importable, it also times
+bitsandbytes' 8-bit Adam on the CPU on the same sizes (target: jaxquant faster).
+
+  python benchmarks/optim.py [--sizes 16 64] [--repeats 5] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import jaxquant as jq
+
+STEP_RATIO_TARGET = 1.5
+MEMORY_RATIO_TARGET = 0.26
+
+
+def make_params(million: int) -> dict:
+  """float32 Dense-like leaves [1024, 1024] adding up to `million` * 2^20 values."""
+  keys = jax.random.split(jax.random.key(0), million)
+  return {f"layer_{i}": jax.random.normal(k, (1024, 1024), jnp.float32) * 0.02
+          for i, k in enumerate(keys)}
+
+
+def state_nbytes(state) -> int:
+  leaves = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, jq.QArray))
+  return sum(int(x.nbytes) for x in leaves)
+
+
+def time_step(optimizer, params, grads, repeats: int) -> tuple[float, int]:
+  """Median seconds of a donated, jitted optimizer step, and the state's bytes."""
+
+  def step(params, state, grads):
+    updates, state = optimizer.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  with jax.numpy_dtype_promotion("standard"):  # optax's own code needs it
+    step = jax.jit(step, donate_argnums=(0, 1))
+    params = jax.tree.map(jnp.copy, params)
+    state = optimizer.init(params)
+    nbytes = state_nbytes(state)
+    params, state = step(params, state, grads)  # compile and warm up
+    jax.block_until_ready(params)
+    times = []
+    for _ in range(repeats):
+      start = time.perf_counter()
+      params, state = step(params, state, grads)
+      jax.block_until_ready((params, state))
+      times.append(time.perf_counter() - start)
+  return float(np.median(times)), nbytes
+
+
+def time_bitsandbytes(params: dict, repeats: int) -> float | str:
+  """Median seconds of bitsandbytes' 8-bit Adam step on CPU, or why it can't run."""
+  try:
+    import bitsandbytes as bnb  # pylint: disable=g-import-not-at-top
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    return f"not installed ({e.name})"
+  tensors = [torch.nn.Parameter(torch.from_numpy(np.asarray(p)).clone())
+             for p in params.values()]
+  for t in tensors:
+    t.grad = torch.randn_like(t) * 1e-3
+  try:
+    optimizer = bnb.optim.Adam8bit(tensors, lr=1e-3)
+    optimizer.step()
+    times = []
+    for _ in range(repeats):
+      start = time.perf_counter()
+      optimizer.step()
+      times.append(time.perf_counter() - start)
+  except Exception as e:  # pylint: disable=broad-except
+    return f"failed on CPU: {type(e).__name__}: {e}"[:120]
+  return float(np.median(times))
+
+
+def main(argv=None) -> list[dict]:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--sizes", type=int, nargs="+", default=[16, 64],
+                      help="parameter counts in units of 2^20")
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--json", help="write the results to this file")
+  args = parser.parse_args(argv)
+  optimizers = {"optax.adamw": optax.adamw(1e-3),
+                "jq.optim.adamw_8bit": jq.optim.adamw_8bit(1e-3),
+                "jq.optim.adamw_4bit": jq.optim.adamw_4bit(1e-3)}
+  results = []
+  print(f"{jax.devices()[0].platform} x{jax.device_count()}, jax {jax.__version__}")
+  print(f"{'params':>8}  {'optimizer':<22} {'step ms':>9} {'vs optax':>9} "
+        f"{'state MB':>9} {'vs optax':>9}")
+  for million in args.sizes:
+    params = make_params(million)
+    grads = jax.tree.map(lambda p: p * 0.01, params)
+    base_time = base_bytes = None
+    for name, optimizer in optimizers.items():
+      seconds, nbytes = time_step(optimizer, params, grads, args.repeats)
+      base_time, base_bytes = base_time or seconds, base_bytes or nbytes
+      row = dict(params_m=million, optimizer=name, step_ms=seconds * 1e3,
+                 step_ratio=seconds / base_time, state_mb=nbytes / 2**20,
+                 state_ratio=nbytes / base_bytes)
+      results.append(row)
+      verdict = ""
+      if name == "jq.optim.adamw_8bit":
+        time_ok = row["step_ratio"] <= STEP_RATIO_TARGET
+        memory_ok = row["state_ratio"] <= MEMORY_RATIO_TARGET
+        verdict = (f"  time {'ok' if time_ok else 'MISS'} (<= {STEP_RATIO_TARGET}x), "
+                   f"memory {'ok' if memory_ok else 'MISS'} (<= {MEMORY_RATIO_TARGET}x)")
+      print(f"{million:>7}M  {name:<22} {row['step_ms']:9.1f} {row['step_ratio']:8.2f}x "
+            f"{row['state_mb']:9.1f} {row['state_ratio']:8.3f}x{verdict}")
+    bnb_time = time_bitsandbytes(params, args.repeats)
+    if isinstance(bnb_time, float):
+      ours = next(r for r in results if r["params_m"] == million
+                  and r["optimizer"] == "jq.optim.adamw_8bit")
+      print(f"{million:>7}M  {'bitsandbytes Adam8bit':<22} {bnb_time * 1e3:9.1f}   "
+            f"jaxquant is {bnb_time * 1e3 / ours['step_ms']:.2f}x faster")
+      results.append(dict(params_m=million, optimizer="bitsandbytes.Adam8bit",
+                          step_ms=bnb_time * 1e3))
+    else:
+      print(f"{million:>7}M  bitsandbytes Adam8bit: {bnb_time}")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(results, f, indent=2)
+  return results
+
+
+if __name__ == "__main__":
+  main()
