@@ -20,11 +20,11 @@ def test_first_block_is_the_two_setup_commands():
   assert "pytest" in lines[1] and "pip install" in lines[1]
 
 
-def test_quickstart_python_blocks_run(tmp_path, monkeypatch, capsys):
+def test_every_python_block_runs_in_order(tmp_path, monkeypatch, capsys):
   monkeypatch.chdir(tmp_path)
-  quickstart = README.read_text().split("## Quickstart", 1)[1].split("\n## ", 1)[0]
-  blocks = [body for language, body in _code_blocks(quickstart) if language == "python"]
-  assert len(blocks) >= 3
+  blocks = [body for language, body in _code_blocks(README.read_text())
+            if language == "python"]
+  assert len(blocks) >= 4
   namespace = {}
   for body in blocks:
     exec(compile(body, str(README), "exec"), namespace)  # noqa: S102
