@@ -1,23 +1,31 @@
 """Throughput of quantize / dequantize over a weight pytree, against a same-process copy.
 
 Builds a float32 pytree shaped like a small transformer's Dense kernels (default
->= 256 MB), then times, jitted, warmed up (compile excluded) and with
-`block_until_ready`:
+>= 256 MiB), then times, jitted, warmed up (compile excluded), `block_until_ready`:
 
 * ``copy``: `jnp.copy` of every leaf (XLA writes a new buffer of the same size):
-  the memory-bound limit every other row is compared with; it is sampled next
-  to every timed call (the machine may be shared) and its best time is used;
-* ``stream``: ``-x`` of every leaf, the fastest an XLA loop fusion that reads and
-  writes every byte once runs (on CPU, slower than the copy's memcpy);
+  the memory-bound limit every other row is compared with, timed again right
+  before every timed call;
+* ``stream``: ``-x`` of every leaf, the fastest that an XLA loop fusion reading
+  and writing every byte once runs (on CPU slower than the copy, a memcpy);
 * ``roundtrip``: ``dequantize(quantize(x, spec))`` over the tree, one jit;
-* ``quantize``: ``quantize(x, spec)`` only (codes + scales come back);
+* ``quantize``: ``quantize(x, spec)`` only (codes and scales come back);
 * ``dequantize``: ``dequantize(q)`` only, from a quantized tree;
 * ``qwix rt``: if `qwix` is importable, Qwix's ``dequantize(quantize(...))`` of the
   same arrays at the same granularity (Qwix is never a dependency of jaxquant).
 
-Every GB/s figure is *float32 input bytes / time* (for ``dequantize``: the bytes
-of the float tree it rebuilds), so the copy's figure counts bytes read only; its
-memory traffic is twice that. ``x copy`` is ``copy time / time``.
+Every GB/s figure is *float32 input bytes / best time* (for ``dequantize``: the
+bytes of the float tree it rebuilds), so the copy's figure counts the bytes read
+only; its memory traffic is twice that. ``x copy`` is ``copy time / time``, the
+median over the timed calls of that ratio for each call and the copy made just
+before it (so that load from other processes, which on a 2-core VM halves every
+throughput, cancels). The JSON also has ``ratio_of_best``, the run's best copy
+time / best time, which is only meaningful on an idle machine.
+
+Outputs are written into donated buffers from the previous call (``--no-donate``
+allocates fresh ones): otherwise the kernel's page faults on new output memory
+(up to ~2x the copy's time on a small VM) come and go with the allocator's state
+and swamp the differences being measured.
 
 Usage:
   python benchmarks/quantize_throughput.py [--mb 256] [--repeats 10] [--json out.json]
@@ -40,7 +48,7 @@ import jax.numpy as jnp
 
 import jaxquant as jq
 
-# name -> (jaxquant spec, qwix quantize kwargs or None, round-trip target ratio or None)
+# name -> (jaxquant spec, qwix quantize kwargs, round-trip target: min x copy, or None)
 SPECS = {
     "int8 per-channel": (
         jq.QuantSpec("int8", channel_axes=(1,)),
@@ -53,9 +61,9 @@ SPECS = {
         dict(qtype=jnp.float8_e4m3fn, channelwise_axes=(1,)), 0.5),
     "nf4 block-64": (
         jq.QuantSpec("nf4", channel_axes=(1,), block_sizes={0: 64}),
-        None, 0.25),
+        dict(qtype="nf4", channelwise_axes=(1,), tiled_axes={0: 64}), 0.25),
 }
-# Qwix rows timed by default (its nf4 is a vmapped argmin; see --qwix-nf4).
+# Qwix rows timed by default (its nf4, a vmapped argmin, only with --qwix-nf4).
 QWIX_DEFAULT = ("int8 per-channel", "int4 group-128", "fp8_e4m3 per-channel")
 
 
@@ -89,12 +97,11 @@ def build_params(total_mb: float, d_model: int, seed: int = 0) -> dict:
   total_bytes = int(total_mb * 2**20)
   d_model = pick_d_model(total_bytes, d_model)
   n_layers = max(1, -(-total_bytes // layer_bytes(d_model)))
-  shapes = layer_shapes(d_model)
   key = jax.random.key(seed)
   params = {}
   for i in range(n_layers):
     layer = {}
-    for name, shape in shapes.items():
+    for name, shape in layer_shapes(d_model).items():
       key, sub = jax.random.split(key)
       layer[name] = _normal(sub, shape)
     params[f"layer_{i}"] = layer
@@ -111,47 +118,42 @@ def tree_bytes(tree) -> int:
 
 
 # ----------------------------------------------------------------------------
-# The functions timed.
+# The functions timed: tree -> tree, jitted by `Timer`.
 
 
-def copy_fn() -> Callable:
-  """Jitted copy of every leaf into a new buffer."""
-  return jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
+def copy_tree(tree):
+  """A copy of every leaf into a new buffer (an XLA copy: a memcpy on CPU)."""
+  return jax.tree.map(jnp.copy, tree)
 
 
-def stream_fn() -> Callable:
-  """Jitted ``-x`` of every leaf: one XLA loop fusion reading and writing each byte.
-
-  Shown next to the copy: XLA's copy is a memcpy, which a loop fusion (all that a
-  quantizer can compile to) does not match on CPU.
-  """
-  return jax.jit(lambda tree: jax.tree.map(jnp.negative, tree))
+def stream_tree(tree):
+  """``-x`` of every leaf: one XLA loop fusion reading and writing each byte."""
+  return jax.tree.map(jnp.negative, tree)
 
 
-def roundtrip_fn(spec: jq.QuantSpec) -> Callable:
-  return jax.jit(lambda tree: jax.tree.map(
-      lambda x: jq.dequantize(jq.quantize(x, spec)), tree))
+def roundtrip(spec: jq.QuantSpec) -> Callable:
+  return lambda tree: jax.tree.map(lambda x: jq.dequantize(jq.quantize(x, spec)), tree)
 
 
-def quantize_fn(spec: jq.QuantSpec) -> Callable:
-  return jax.jit(lambda tree: jax.tree.map(lambda x: jq.quantize(x, spec), tree))
+def quantize(spec: jq.QuantSpec) -> Callable:
+  return lambda tree: jax.tree.map(lambda x: jq.quantize(x, spec), tree)
 
 
-def dequantize_fn() -> Callable:
+def dequantize(qtree):
   is_q = lambda x: isinstance(x, jq.QArray)
-  return jax.jit(lambda qtree: jax.tree.map(jq.dequantize, qtree, is_leaf=is_q))
+  return jax.tree.map(jq.dequantize, qtree, is_leaf=is_q)
 
 
-def qwix_roundtrip_fn(qwix, kwargs: dict) -> Callable:
+def qwix_roundtrip(qwix, kwargs: dict) -> Callable:
   kwargs = dict(kwargs)
   qtype = kwargs.pop("qtype")
-  return jax.jit(lambda tree: jax.tree.map(
-      lambda x: qwix.dequantize(qwix.quantize(x, qtype, **kwargs)), tree))
+  return lambda tree: jax.tree.map(
+      lambda x: qwix.dequantize(qwix.quantize(x, qtype, **kwargs)), tree)
 
 
-def check_new_buffers(tree, out) -> None:
-  """Raises if the copy handed back any input buffer instead of writing one."""
-  for x, y in zip(jax.tree.leaves(tree), jax.tree.leaves(out)):
+def check_copy(tree, out) -> None:
+  """Raises unless the copy wrote new buffers of the same shapes and dtypes."""
+  for x, y in zip(jax.tree.leaves(tree), jax.tree.leaves(out), strict=True):
     if x.shape != y.shape or x.dtype != y.dtype:
       raise AssertionError(f"copy changed {x.shape}/{x.dtype} to {y.shape}/{y.dtype}")
     if x.unsafe_buffer_pointer() == y.unsafe_buffer_pointer():
@@ -162,50 +164,74 @@ def check_new_buffers(tree, out) -> None:
 # Timing.
 
 
-class Timer:
-  """Times functions, interleaving every timed call with one call of a baseline.
+class Runner:
+  """One tree -> tree function, jitted, writing into the buffers of its last output.
 
-  The machine may be shared, so the baseline (the copy) is sampled all through
-  the run, right next to each function; its best time over the run is the limit
-  that every row is compared with.
+  With `donate`, each call donates the previous output as the buffers of the next
+  one, so no call allocates (or page-faults) output memory.
   """
 
-  def __init__(self, baseline: Callable, baseline_arg, repeats: int):
-    self.baseline, self.baseline_arg, self.repeats = baseline, baseline_arg, repeats
+  def __init__(self, fn: Callable, arg, donate: bool = True):
+    self.arg, self.donate = arg, donate
+    if donate:
+      self.jitted = jax.jit(lambda donor, x: fn(x), donate_argnums=0, keep_unused=True)
+      self.out = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, arg))
+    else:
+      self.jitted, self.out = jax.jit(fn), None
+
+  def __call__(self) -> float:
+    """Runs once; wall time in ms until the result is ready."""
+    start = time.perf_counter()
+    if self.donate:
+      self.out = jax.block_until_ready(self.jitted(self.out, self.arg))
+    else:
+      jax.block_until_ready(self.jitted(self.arg))
+    return (time.perf_counter() - start) * 1e3
+
+
+class Timer:
+  """Times functions, each timed call right after one call of the baseline (copy).
+
+  The machine may be shared, and on a small VM another process halves the
+  throughput of everything: so every call is paired with a copy call made just
+  before it, and ratios are taken within pairs.
+  """
+
+  def __init__(self, baseline: Runner, repeats: int, donate: bool):
+    self.baseline, self.repeats, self.donate = baseline, repeats, donate
     self.baseline_ms: list[float] = []
 
   def time(self, fn: Callable, arg) -> dict[str, Any]:
-    """Best, median and all wall times (ms) of `repeats` calls after a warm-up call."""
-    first_ms = _call_ms(fn, arg)
-    times = []
+    """Wall times (ms) of `repeats` calls after a warm-up call, and of their copies."""
+    runner = Runner(fn, arg, self.donate)
+    first_ms = runner()
+    times, copies = [], []
     for _ in range(self.repeats):
-      self.baseline_ms.append(_call_ms(self.baseline, self.baseline_arg))
-      times.append(_call_ms(fn, arg))
-    return dict(best_ms=min(times), median_ms=statistics.median(times),
-                times_ms=times, first_call_ms=first_ms)
+      copies.append(self.baseline())
+      times.append(runner())
+    self.baseline_ms += copies
+    return dict(_summary(times), first_call_ms=first_ms, copy_times_ms=copies)
 
   def baseline_timing(self) -> dict[str, Any]:
-    times = self.baseline_ms
-    return dict(best_ms=min(times), median_ms=statistics.median(times),
-                times_ms=times, first_call_ms=None)
+    return dict(_summary(self.baseline_ms), copy_times_ms=self.baseline_ms)
 
 
-def _call_ms(fn: Callable, arg) -> float:
-  """Wall time (ms) of one call, until its result is ready; the result is dropped."""
-  start = time.perf_counter()
-  out = jax.block_until_ready(fn(arg))
-  elapsed = (time.perf_counter() - start) * 1e3
-  del out
-  return elapsed
+def _summary(times: list[float]) -> dict[str, Any]:
+  return dict(best_ms=min(times), median_ms=statistics.median(times), times_ms=times)
 
 
-def make_row(op: str, spec: str, timing: dict, nbytes: int, copy_ms: float,
+def make_row(op: str, spec: str, timing: dict, nbytes: int, copy_best_ms: float,
              target: Optional[float] = None) -> dict[str, Any]:
-  """One result row: GB/s = nbytes / best time; ratio = copy time / best time."""
+  """One result row.
+
+  gb_per_s: nbytes / best time. ratio_to_copy: median over the calls of (time of
+  the copy made just before / time of the call). ratio_of_best: best copy time of
+  the whole run / best time.
+  """
   best = timing["best_ms"]
-  ratio = copy_ms / best
+  ratio = statistics.median(c / t for c, t in zip(timing["copy_times_ms"], timing["times_ms"]))
   row = dict(op=op, spec=spec, **timing, gb_per_s=nbytes / (best * 1e-3) / 1e9,
-             ratio_to_copy=ratio, target=target)
+             ratio_to_copy=ratio, ratio_of_best=copy_best_ms / best, target=target)
   row["passed"] = None if target is None else ratio >= target
   return row
 
@@ -227,23 +253,30 @@ def format_table(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
-def format_qwix_ratios(rows: list[dict]) -> str:
-  """jaxquant/qwix speed ratios (qwix time / jaxquant time; > 1: jaxquant faster)."""
-  ours = {r["spec"]: r["best_ms"] for r in rows if r["op"] == "roundtrip"}
-  lines = ["jaxquant/qwix round-trip speed (qwix best ms / jaxquant best ms; "
-           ">1 means jaxquant is faster):"]
-  for r in rows:
-    if r["op"] == "qwix rt" and r["spec"] in ours:
-      lines.append(f"  {r['spec']:<21} {r['best_ms'] / ours[r['spec']]:.3f}")
+def qwix_ratios(rows: list[dict]) -> dict[str, float]:
+  """spec -> jaxquant round-trip speed / Qwix's (> 1: jaxquant faster).
+
+  Taken as the ratio of their ``x copy`` figures, so that both are measured
+  against copies made at the same moments (load cancels).
+  """
+  ours = {r["spec"]: r["ratio_to_copy"] for r in rows if r["op"] == "roundtrip"}
+  return {r["spec"]: ours[r["spec"]] / r["ratio_to_copy"]
+          for r in rows if r["op"] == "qwix rt" and r["spec"] in ours}
+
+
+def format_qwix_ratios(ratios: dict[str, float]) -> str:
+  lines = ["jaxquant/qwix round-trip speed (jaxquant x copy / qwix x copy, i.e. qwix "
+           "time / jaxquant time; >1 means jaxquant is faster):"]
+  lines += [f"  {name:<21} {ratio:.3f}" for name, ratio in ratios.items()]
   return "\n".join(lines)
 
 
 def import_qwix():
-  """(qwix module or None, why it is missing)."""
+  """(qwix module or None, its version or why it is missing)."""
   try:
     import qwix  # pylint: disable=import-outside-toplevel
   except ImportError as e:
-    return None, f"qwix not importable ({e}); pip install qwix to compare"
+    return None, f"not importable ({e}); `pip install qwix` to compare"
   return qwix, getattr(qwix, "__version__", "?")
 
 
@@ -259,8 +292,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="model width; kernels are [d, d] x4, [d, 4d], [4d, d] per block")
   p.add_argument("--repeats", type=int, default=10,
                  help="timed calls per function after one warm-up call (default 10)")
-  p.add_argument("--specs", nargs="*", default=list(SPECS), choices=list(SPECS),
+  p.add_argument("--specs", nargs="+", default=list(SPECS), choices=list(SPECS),
                  metavar="SPEC", help=f"specs to run (default all: {list(SPECS)})")
+  p.add_argument("--no-donate", action="store_true",
+                 help="allocate every output afresh instead of reusing donated buffers")
   p.add_argument("--no-qwix", action="store_true", help="skip the Qwix comparison")
   p.add_argument("--qwix-nf4", action="store_true",
                  help="also time Qwix's nf4 (block 64) round trip")
@@ -273,25 +308,18 @@ def run_specs(timer: Timer, params, names) -> list[tuple]:
   roundtrips, quants, dequants = [], [], []
   for name in names:
     spec, _, target = SPECS[name]
-    roundtrips.append(("roundtrip", name, timer.time(roundtrip_fn(spec), params), target))
-    quantize = quantize_fn(spec)
-    quants.append(("quantize", name, timer.time(quantize, params), None))
-    qtree = jax.block_until_ready(quantize(params))
-    dequants.append(("dequantize", name, timer.time(dequantize_fn(), qtree), None))
+    roundtrips.append(("roundtrip", name, timer.time(roundtrip(spec), params), target))
+    quants.append(("quantize", name, timer.time(quantize(spec), params), None))
+    qtree = jax.block_until_ready(jax.jit(quantize(spec))(params))
+    dequants.append(("dequantize", name, timer.time(dequantize, qtree), None))
     del qtree
   return roundtrips + quants + dequants
 
 
 def run_qwix(timer: Timer, qwix, params, names) -> list[tuple]:
   """(op, spec, timing, None) for Qwix's round trip of each spec."""
-  results = []
-  for name in names:
-    kwargs = SPECS[name][1]
-    if kwargs is None and name.startswith("nf4"):
-      kwargs = dict(qtype="nf4", channelwise_axes=(1,), tiled_axes={0: 64})
-    results.append(("qwix rt", name, timer.time(qwix_roundtrip_fn(qwix, kwargs), params),
-                    None))
-  return results
+  return [("qwix rt", name, timer.time(qwix_roundtrip(qwix, SPECS[name][1]), params), None)
+          for name in names]
 
 
 def main(argv=None) -> dict:
@@ -299,15 +327,15 @@ def main(argv=None) -> dict:
   params = build_params(args.mb, args.d_model)
   nbytes = tree_bytes(params)
   shapes = sorted({x.shape for x in jax.tree.leaves(params)})
-  print(f"jax {jax.__version__} on {jax.devices()[0].platform} "
-        f"({platform.machine()}), {len(jax.tree.leaves(params))} float32 leaves "
-        f"of shapes {shapes}, {nbytes / 2**20:.0f} MiB; best of {args.repeats} "
-        f"(each call interleaved with a copy call)")
-  copy = copy_fn()
-  check_new_buffers(params, jax.block_until_ready(copy(params)))
-  timer = Timer(copy, params, args.repeats)
+  donate = not args.no_donate
+  print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({platform.machine()}), "
+        f"{len(jax.tree.leaves(params))} float32 leaves of shapes {shapes}, "
+        f"{nbytes / 2**20:.0f} MiB; best of {args.repeats}, each call next to a copy; "
+        f"outputs {'in donated buffers' if donate else 'freshly allocated'}")
+  check_copy(params, jax.jit(copy_tree)(params))
+  timer = Timer(Runner(copy_tree, params, donate), args.repeats, donate)
   load_before = os.getloadavg()[0]
-  results = [("stream", "-x (loop fusion)", timer.time(stream_fn(), params), None)]
+  results = [("stream", "-x (loop fusion)", timer.time(stream_tree, params), None)]
   results += run_specs(timer, params, args.specs)
 
   qwix, qwix_info = (None, "skipped (--no-qwix)") if args.no_qwix else import_qwix()
@@ -319,28 +347,28 @@ def main(argv=None) -> dict:
   copy_timing = timer.baseline_timing()
   copy_ms = copy_timing["best_ms"]
   rows = [make_row("copy", "jnp.copy (new buffer)", copy_timing, nbytes, copy_ms)]
-  rows += [make_row(op, name, t, nbytes, copy_ms, target)
-           for op, name, t, target in results]
+  rows += [make_row(op, name, t, nbytes, copy_ms, target) for op, name, t, target in results]
 
-  load = (load_before, os.getloadavg()[0])
-  cores = os.cpu_count() or 1
+  load, cores = (load_before, os.getloadavg()[0]), os.cpu_count() or 1
   print(f"load average {load[0]:.1f} -> {load[1]:.1f} on {cores} cores"
         + (" (busy machine: expect noise; rerun when idle)" if max(load) > cores else ""))
-  print("GB/s = float32 input bytes / best time (copy: bytes read; traffic is 2x); "
-        "x copy = copy time / time")
+  print("GB/s = float32 input bytes / best time (copy: bytes read; its traffic is 2x).\n"
+        "x copy = copy time / time: the median over the timed calls, each paired with "
+        "a copy made just before it.")
   print(format_table(rows))
+  ratios = qwix_ratios(rows)
   print(f"qwix: {qwix_info}")
-  if qwix is not None:
-    print(format_qwix_ratios(rows))
+  if ratios:
+    print(format_qwix_ratios(ratios))
   failed = [f"{r['spec']} ({r['ratio_to_copy']:.3f} < {r['target']})"
             for r in rows if r["passed"] is False]
-  print("targets: " + ("all pass" if not failed else "FAIL: " + ", ".join(failed)))
+  print("targets (x copy): " + ("all pass" if not failed else "FAIL: " + ", ".join(failed)))
 
   result = dict(jax_version=jax.__version__, backend=jax.devices()[0].platform,
                 total_bytes=nbytes, leaf_shapes=[list(s) for s in shapes],
-                repeats=args.repeats, load_average=load, cpu_count=cores,
-                gb_definition="float32 input bytes / best time",
-                qwix=qwix_info, rows=rows)
+                repeats=args.repeats, donated_outputs=donate, load_average=load,
+                cpu_count=cores, gb_definition="float32 input bytes / best time",
+                qwix=qwix_info, qwix_speed_ratios=ratios, rows=rows)
   if args.json:
     with open(args.json, "w") as f:
       json.dump(result, f, indent=2)

@@ -251,15 +251,74 @@ def round_to_float_grid(fmt: Format, y: jax.Array) -> jax.Array:
 
 
 def _float_to_codes(fmt: Format, y: jax.Array) -> jax.Array:
+  if fmt.name == "fp8_e4m3":
+    return jax.lax.platform_dependent(y, cpu=_e4m3_codes_by_bits,
+                                      default=functools.partial(_convert_codes, fmt))
   if fmt.code_dtype != jnp.uint8:
-    # XLA's convert rounds to nearest even; clipping first makes it saturate.
-    return jnp.clip(y, -fmt.max, fmt.max).astype(fmt.code_dtype)
+    return _convert_codes(fmt, y)
   rounded = round_to_float_grid(fmt, y)
   magnitudes = jnp.asarray(_float_table(fmt)[: 2 ** (fmt.bits - 1)])
   magnitude_bits = count_sorted(magnitudes, jnp.abs(rounded), inclusive=False)
   magnitude_bits = magnitude_bits.astype(jnp.uint8)
   sign_bit = jnp.signbit(rounded).astype(jnp.uint8) << (fmt.bits - 1)
   return sign_bit | magnitude_bits
+
+
+def _convert_codes(fmt: Format, y: jax.Array) -> jax.Array:
+  # XLA's convert rounds to nearest even; clipping first makes it saturate.
+  return jnp.clip(y, -fmt.max, fmt.max).astype(fmt.code_dtype)
+
+
+def _e4m3_codes_by_bits(y: jax.Array) -> jax.Array:
+  """float32 -> float8_e4m3fn codes, bit-exact with the clip-and-convert above.
+
+  Integer arithmetic on the float32 bits (RNE by adding a rounding bias; subnormal
+  codes by adding 2^14, whose ulp is e4m3's subnormal step). XLA:CPU converts to
+  and from fp8 one element at a time; this vectorizes.
+  """
+  bits = jax.lax.bitcast_convert_type(y, jnp.uint32)
+  sign = (bits >> 24) & 0x80
+  magnitude = jnp.minimum(jnp.abs(y), 448.0)  # saturate; NaN stays NaN
+  m_bits = jax.lax.bitcast_convert_type(magnitude, jnp.uint32)
+  normal = ((m_bits + 0x7FFFF + ((m_bits >> 20) & 1)) >> 20) - ((127 - 7) << 3)
+  magic = np.float32(2.0**14)
+  subnormal = (jax.lax.bitcast_convert_type(magnitude + magic, jnp.uint32)
+               - magic.view(np.uint32))
+  code = jnp.where(magnitude < 2.0**-6, subnormal, normal)
+  code = jnp.where(jnp.isnan(magnitude), 0x7F, code) | sign
+  return jax.lax.bitcast_convert_type(code.astype(jnp.uint8), jnp.float8_e4m3fn)
+
+
+def _e4m3_values_by_bits(codes: jax.Array) -> jax.Array:
+  """float8_e4m3fn codes -> float32, exact (subnormals, signed zeros, NaN)."""
+  bits = jax.lax.bitcast_convert_type(codes, jnp.uint8).astype(jnp.uint32)
+  magnitude = bits & 0x7F
+  normal = (magnitude << 20) + ((127 - 7) << 23)
+  subnormal = jax.lax.bitcast_convert_type(magnitude.astype(jnp.float32) * 2.0**-9,
+                                           jnp.uint32)
+  value = jnp.where(magnitude < 8, subnormal, normal)
+  value = jnp.where(magnitude == 0x7F, 0x7FC00000, value) | ((bits & 0x80) << 24)
+  return jax.lax.bitcast_convert_type(value, jnp.float32)
+
+
+_SELECT_MAX = 32  # constant tables up to this size: compares and selects, no gathers
+
+
+def select_lookup(table: np.ndarray, index: jax.Array) -> jax.Array:
+  """``table[index]`` for a constant table of <= 32 entries, without a gather.
+
+  A tree of selects on the bits of `index` (15 for 16 entries): elementwise, so it
+  keeps `index`'s sharding, and a fused loop around it still vectorizes (a gather
+  makes XLA:CPU emit it one element at a time).
+  """
+  values = list(np.asarray(table))
+  values += values[-1:] * ((1 << (len(values) - 1).bit_length()) - len(values))
+  bit = 0
+  while len(values) > 1:
+    odd = ((index >> bit) & 1) == 1
+    values = [jnp.where(odd, values[i + 1], values[i]) for i in range(0, len(values), 2)]
+    bit += 1
+  return jnp.broadcast_to(jnp.asarray(values[0], table.dtype), index.shape)
 
 
 def table_lookup(table, index: jax.Array) -> jax.Array:
@@ -341,12 +400,24 @@ def nearest_code(fmt: Format, y: jax.Array) -> jax.Array:
   constant tables, so it keeps `y`'s sharding and fuses with its neighbours.
   """
   search = _bucketed_table(fmt.name)
+  if len(fmt.table) <= _SELECT_MAX:
+    return _count_midpoints_at_or_below(search.midpoints[:-1], y)
   y = jnp.clip(y, fmt.table[0], fmt.table[-1])
   bucket = (_monotonic_key(y) >> search.shift) - search.key_offset
   count = table_lookup(search.first, bucket).astype(jnp.int32)
   for _ in range(search.max_per_bucket):
     count = count + (table_lookup(search.midpoints, count) <= y).astype(jnp.int32)
   return count
+
+
+def _count_midpoints_at_or_below(midpoints: np.ndarray, y: jax.Array) -> jax.Array:
+  """Nearest code for a small table: one compare per midpoint, no gathers."""
+  count = jnp.zeros(y.shape, jnp.int32)
+  for m in midpoints:
+    count = count + (y >= m).astype(jnp.int32)
+  # NaN: as the bucketed search, +NaN -> the last code, -NaN -> midpoints below 0.
+  nan_code = jnp.where(jnp.signbit(y), int(np.sum(midpoints < 0)), len(midpoints))
+  return jnp.where(jnp.isnan(y), nan_code, count)
 
 
 def encode(fmt: Format, y: jax.Array) -> jax.Array:
@@ -363,10 +434,13 @@ def encode(fmt: Format, y: jax.Array) -> jax.Array:
 
 def decode(fmt: Format, codes: jax.Array) -> jax.Array:
   """float32 grid values of `codes` (inverse of `encode` on the grid)."""
-  if fmt.kind == "codebook":
-    return table_lookup(np.asarray(fmt.table, np.float32), codes.astype(jnp.int32))
-  if fmt.kind == "float" and fmt.code_dtype == jnp.uint8:
-    return table_lookup(_float_table(fmt), codes.astype(jnp.int32))
+  if fmt.kind == "codebook" or (fmt.kind == "float" and fmt.code_dtype == jnp.uint8):
+    table = np.asarray(fmt.table, np.float32) if fmt.kind == "codebook" else _float_table(fmt)
+    lookup = select_lookup if len(table) <= _SELECT_MAX else table_lookup
+    return lookup(table, codes.astype(jnp.int32))
+  if fmt.name == "fp8_e4m3":
+    return jax.lax.platform_dependent(codes, cpu=_e4m3_values_by_bits,
+                                      default=lambda c: c.astype(jnp.float32))
   return codes.astype(jnp.float32)
 
 

@@ -208,3 +208,31 @@ def test_stochastic_rounding_is_unbiased_and_picks_neighbours(name):
   values = np.asarray(F.decode(fmt, codes))
   assert set(np.unique(values)) <= {np.float32(grid[3]), np.float32(grid[4])}
   np.testing.assert_allclose(values.mean(), float(x[0]), atol=0.02 * (grid[4] - grid[3]))
+
+
+def test_fp8_e4m3_bit_arithmetic_path_equals_xla_convert():
+  """The CPU path (integer arithmetic on float32 bits) against XLA's convert."""
+  fmt = jq.get_format("fp8_e4m3")
+  x = _rounding_inputs("fp8_e4m3", np.random.default_rng(3))
+  by_bits = np.asarray(jax.jit(F._e4m3_codes_by_bits)(x)).view(np.uint8)
+  converted = np.asarray(jax.jit(lambda y: F._convert_codes(fmt, y))(x)).view(np.uint8)
+  np.testing.assert_array_equal(by_bits, converted)
+  codes = jnp.asarray(np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn))
+  values = np.asarray(jax.jit(F._e4m3_values_by_bits)(codes))
+  expected = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+  np.testing.assert_array_equal(np.isnan(values), np.isnan(expected))
+  finite = ~np.isnan(expected)
+  np.testing.assert_array_equal(values[finite].view(np.uint32), expected[finite].view(np.uint32))
+
+
+@pytest.mark.parametrize("name", ["nf4", "binary", "dynamic4", "fp6_e2m3", "dynamic8"])
+def test_decode_of_every_code_is_the_table_value(name):
+  fmt = jq.get_format(name)
+  n = 2 ** fmt.bits
+  codes = jnp.arange(n, dtype=jnp.int32).astype(fmt.code_dtype)
+  values = np.asarray(jax.jit(lambda c: F.decode(fmt, c))(codes))
+  if fmt.kind == "codebook":
+    np.testing.assert_array_equal(values, np.asarray(fmt.table, np.float32)[:n])
+  else:
+    expected = np.arange(n, dtype=np.uint8).view(fmt.ml_dtype).astype(np.float32)
+    np.testing.assert_array_equal(values.view(np.uint32), expected.view(np.uint32))
