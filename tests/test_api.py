@@ -1,6 +1,9 @@
 """The public contract of DESIGN.md is importable, and kernels install as a subpackage."""
 
 import importlib.util
+import pathlib
+import subprocess
+import sys
 
 import jaxquant as jq
 
@@ -21,6 +24,12 @@ def test_format_attributes():
   assert list(fmt.values) == list(range(-8, 8))
 
 
-def test_kernels_is_a_subpackage_not_a_top_level_module():
-  assert importlib.util.find_spec("jaxquant.kernels") is not None
-  assert importlib.util.find_spec("kernels") is None
+def test_kernels_is_a_subpackage_not_a_top_level_module(tmp_path):
+  spec = importlib.util.find_spec("jaxquant.kernels")
+  assert pathlib.Path(spec.origin).parent.name == "kernels"
+  # Outside the repository (whose root is on sys.path under `python -m pytest`),
+  # the installed project provides no top-level `kernels` module.
+  probe = "import importlib.util as u; print(u.find_spec('kernels'))"
+  out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, check=True,
+                       capture_output=True, text=True).stdout.strip()
+  assert out == "None"
