@@ -20,5 +20,6 @@ from jaxquant.tree import quantize_tree
 from jaxquant.tree import tree_report
 from jaxquant import checkpoint
 from jaxquant import optim
+from jaxquant import qat
 
 __version__ = "0.1.0"

@@ -445,6 +445,44 @@ def dequantize(q: QArray, dtype=None) -> jax.Array:
   return values.reshape(q.shape).astype(dtype or q.dtype)
 
 
+def expand_groups(values: jax.Array, spec: QuantSpec, shape: tuple[int, ...]) -> jax.Array:
+  """Broadcasts per-group `values` (shape ``spec.scale_shape(shape)``) to `shape`.
+
+  Every element gets the value of its scale group (channel, block or tensor).
+  """
+  channel, blocks = spec.resolve(shape)
+  blocked_shape, _, stat_shape = _blocked_layout(shape, channel, blocks)
+  expanded = jnp.broadcast_to(values.reshape(stat_shape), blocked_shape)
+  return expanded.reshape(shape)
+
+
+def group_sum(values: jax.Array, spec: QuantSpec) -> jax.Array:
+  """Sums `values` over each scale group -> shape ``spec.scale_shape(values.shape)``.
+
+  The adjoint of `expand_groups`: reduces over blocks and shared axes.
+  """
+  shape = tuple(values.shape)
+  channel, blocks = spec.resolve(shape)
+  blocked_shape, axes, _ = _blocked_layout(shape, channel, blocks)
+  summed = jnp.sum(values.reshape(blocked_shape), axis=axes)
+  return summed.reshape(spec.scale_shape(shape))
+
+
+def clip_range(q: QArray) -> tuple[jax.Array, jax.Array]:
+  """float32 (lo, hi)[*q.shape]: the range each element can represent unclipped.
+
+  ``lo = (format.min - zero_point) * scale`` and ``hi = (format.max - zero_point) *
+  scale`` per element; inputs outside it saturate. Used to mask straight-through
+  gradients.
+  """
+  fmt = q.format
+  scale = _effective_scale(q.scale, q.tensor_scale)
+  zero_point = 0.0 if q.zero_point is None else q.zero_point.astype(jnp.float32)
+  lo = (fmt.min - zero_point) * scale
+  hi = (fmt.max - zero_point) * scale
+  return (expand_groups(lo, q.spec, q.shape), expand_groups(hi, q.spec, q.shape))
+
+
 @jax.custom_jvp
 def _straight_through(x, x_quantized):
   del x
