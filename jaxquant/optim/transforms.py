@@ -208,11 +208,8 @@ def adamw_8bit(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.9
                block_size: int = 256, min_size: int = 4096
                ) -> optax.GradientTransformationExtraArgs:
   """`optax.adamw` with 8-bit block-wise moments (decoupled weight decay)."""
-  quantizer = _quantizer(EIGHT_BIT, block_size, min_size)
-  return optax.chain(
-      scale_by_adam_8bit(b1, b2, eps, eps_root, nesterov=nesterov, quantizer=quantizer),
-      optax.add_decayed_weights(weight_decay, mask),
-      optax.scale_by_learning_rate(learning_rate))
+  return _adamw(_quantizer(EIGHT_BIT, block_size, min_size), learning_rate, b1, b2,
+                eps, eps_root, weight_decay, mask, nesterov)
 
 
 def adamw_4bit(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
@@ -226,7 +223,12 @@ def adamw_4bit(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.9
   unsigned map without zero, so a small second moment never rounds to 0 and
   blows up the update (the zero-point problem of 4-bit optimizer states).
   """
-  quantizer = _quantizer(FOUR_BIT, block_size, min_size)
+  return _adamw(_quantizer(FOUR_BIT, block_size, min_size), learning_rate, b1, b2,
+                eps, eps_root, weight_decay, mask, nesterov)
+
+
+def _adamw(quantizer, learning_rate, b1, b2, eps, eps_root, weight_decay, mask,
+           nesterov) -> optax.GradientTransformationExtraArgs:
   return optax.chain(
       scale_by_adam_8bit(b1, b2, eps, eps_root, nesterov=nesterov, quantizer=quantizer),
       optax.add_decayed_weights(weight_decay, mask),
