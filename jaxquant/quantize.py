@@ -344,7 +344,8 @@ def _decode(spec, codes_b, scale, zero_point, tensor_scale):
 def _mse_range(spec, xb, axes, lo, hi, tensor_scale):
   """The clipping ratio (of N in [0.3, 1]) with the lowest squared error, per group."""
   steps = int(_parse_calibration(spec.calibration)[1])
-  ratios = jnp.linspace(1.0, _MSE_MIN_RATIO, steps) if steps > 1 else jnp.ones(1)
+  # A numpy constant: jnp.linspace differs in the last bit between eager and jit.
+  ratios = jnp.asarray(np.linspace(1.0, _MSE_MIN_RATIO, steps, dtype=np.float32))
 
   def error_at(ratio):
     scale, zp = _scales(spec, lo * ratio, hi * ratio, tensor_scale)

@@ -268,3 +268,11 @@ def test_a_group_of_zeros_dequantizes_to_exact_zeros(fmt, scale_dtype):
   x_hat = np.asarray(jq.dequantize(q))
   np.testing.assert_array_equal(x_hat[:, [0, 2, 3]], 0.0)
   assert np.abs(x_hat[:, 1]).max() > 0.5
+
+
+def test_mse_calibration_is_the_same_eager_and_jitted():
+  w = jax.random.laplace(jax.random.key(5), (256, 16), jnp.float32)
+  spec = jq.QuantSpec("int2", channel_axes=(1,), full_range=True, calibration="mse")
+  eager = jq.quantize(w, spec)
+  jitted = jax.jit(jq.quantize, static_argnums=1)(w, spec)
+  np.testing.assert_array_equal(eager.scale, jitted.scale)
