@@ -21,5 +21,7 @@ from jaxquant.tree import tree_report
 from jaxquant import checkpoint
 from jaxquant import optim
 from jaxquant import qat
+from jaxquant import linen
+from jaxquant import nnx
 
 __version__ = "0.1.0"
