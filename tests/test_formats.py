@@ -236,3 +236,135 @@ def test_decode_of_every_code_is_the_table_value(name):
   else:
     expected = np.arange(n, dtype=np.uint8).view(fmt.ml_dtype).astype(np.float32)
     np.testing.assert_array_equal(values.view(np.uint32), expected.view(np.uint32))
+
+
+# ----------------------------------------------------------------------------
+# Dynamic-tree maps: arithmetic encode/decode (`_dynamic_encode`, `_dynamic_decode`;
+# `encode`/`decode` use them for the 8-bit maps) against the table and the gather
+# path (`nearest_code`, `table_lookup`), which stay the reference.
+
+DYNAMIC_FORMATS = ["dynamic8", "udynamic8", "dynamic4", "udynamic4_nonzero"]
+
+
+def _paper_dynamic_map(signed, bits):
+  """The paper's construction in float64 (linspace midpoints), rounded to float32."""
+  positives = []
+  for i in range(bits - 1):
+    points = np.linspace(0.1, 1.0, (2**i if signed else 2 ** (i + 1)) + 1)
+    positives.extend((points[:-1] + points[1:]) / 2 * 10.0 ** (i - (bits - 2)))
+  values = [np.asarray(positives)] + ([-np.asarray(positives)] if signed else [])
+  return np.sort(np.concatenate(values + [np.array([0.0, 1.0])])).astype(np.float32)
+
+
+@pytest.mark.parametrize("signed,bits", [(True, 8), (False, 8), (True, 4), (False, 4)])
+def test_dynamic_maps_are_float32_products_within_an_ulp_of_the_paper(signed, bits):
+  table = F.dynamic_map(signed=signed, bits=bits)
+  assert table.dtype == np.float32 and table.size == 2**bits
+  ulps = table.view(np.int32).astype(np.int64) - _paper_dynamic_map(signed, bits).view(
+      np.int32)
+  assert np.abs(ulps).max() <= 1
+  # Each positive entry is float32(A) * float32(C_i), A = 2 n + 9 (2k + 1).
+  scales = F.dynamic_scales(bits, signed)
+  expected = []
+  for i, scale in enumerate(scales):
+    n = 2 ** (i if signed else i + 1)
+    expected.append((2 * n + 9 * (2 * np.arange(n) + 1)).astype(np.float32) * scale)
+  positives = table[(table > 0) & (table < 1)]
+  np.testing.assert_array_equal(positives.view(np.int32),
+                                np.concatenate(expected).view(np.int32))
+
+
+def test_nonzero_map_code_zero_is_a_float32_tenth():
+  table = np.asarray(jq.get_format("udynamic4_nonzero").table, np.float32)
+  assert table[0] == table[1] / np.float32(10)
+  np.testing.assert_array_equal(table[1:], F.dynamic_map(signed=False, bits=4)[1:])
+
+
+@pytest.mark.parametrize("name", DYNAMIC_FORMATS)
+def test_dynamic_decode_is_the_table_bit_for_bit(name):
+  fmt = jq.get_format(name)
+  assert fmt.dynamic is not None
+  table = np.asarray(fmt.table, np.float32)
+  codes = jnp.arange(2**fmt.bits, dtype=jnp.int32).astype(fmt.code_dtype)
+  gathered = np.asarray(jax.jit(lambda c: F.table_lookup(table, c.astype(jnp.int32)))(codes))
+  np.testing.assert_array_equal(gathered.view(np.uint32), table.view(np.uint32))
+  for decode in (F._dynamic_decode, F.decode):  # decode: arithmetic or selects
+    values = np.asarray(jax.jit(lambda c, decode=decode: decode(fmt, c))(codes))
+    np.testing.assert_array_equal(values.view(np.uint32), table.view(np.uint32))
+    assert "gather" not in jax.jit(lambda c, decode=decode: decode(fmt, c)).lower(
+        codes).as_text()
+  assert F._by_arithmetic(fmt) == (fmt.bits == 8)
+
+
+def _dynamic_encode_inputs(name, rng):
+  """Entries, midpoints and their float32 neighbours (both signs), edges, random
+  values over every decade, and normal data divided by its absmax."""
+  table = np.asarray(jq.get_format(name).table, np.float32)
+  mids = ((table[:-1].astype(np.float64) + table[1:]) / 2).astype(np.float32)
+  points = np.concatenate([table, mids, np.nextafter(mids, np.float32(np.inf)),
+                           np.nextafter(mids, np.float32(-np.inf)),
+                           np.nextafter(table, np.float32(np.inf)),
+                           np.nextafter(table, np.float32(-np.inf))])
+  edges = np.array([0.0, 1.0, np.nextafter(np.float32(1), np.float32(2)), 1.5, 3e38,
+                    1e-30, 1e-45, np.inf], np.float32)
+  sign = rng.choice(np.array([-1.0, 1.0], np.float32), 10**6)
+  spread = sign * (10.0 ** rng.uniform(-9, 0, 10**6)).astype(np.float32)
+  normal = rng.standard_normal(2**16).astype(np.float32)
+  normal = normal / np.abs(normal).max()
+  magnitudes = np.concatenate([points, edges])
+  return np.concatenate([magnitudes, -magnitudes, spread, normal])
+
+
+@pytest.mark.parametrize("name", DYNAMIC_FORMATS)
+def test_dynamic_encode_is_the_gather_based_nearest_code(name):
+  fmt = jq.get_format(name)
+  x = _dynamic_encode_inputs(name, np.random.default_rng(4))
+  expected = np.asarray(jax.jit(lambda y: F.nearest_code(fmt, y))(x))
+  codes = np.asarray(jax.jit(lambda y: F._dynamic_encode(fmt, y))(x))
+  assert codes.dtype == np.int32
+  np.testing.assert_array_equal(codes, expected)
+  codes = jax.jit(lambda y: F.encode(fmt, y))(x)
+  assert codes.dtype == jnp.dtype(fmt.code_dtype)
+  np.testing.assert_array_equal(np.asarray(codes).astype(np.int32), expected)
+  for encode in (F._dynamic_encode, F.encode):
+    assert "gather" not in jax.jit(lambda y, encode=encode: encode(fmt, y)).lower(
+        x).as_text()
+
+
+@pytest.mark.parametrize("name", DYNAMIC_FORMATS)
+def test_dynamic_encode_matches_on_a_sweep_of_all_float32_bit_patterns(name):
+  """Every 256th float32 bit pattern (2^24 values: both signs, all exponents,
+  subnormals and infinities), compared on the device.
+
+  Two exceptions, where the gather path's answer depends on how XLA compiles it:
+  NaNs (tested below), and negative subnormals in unsigned maps, where XLA:CPU's
+  denormals-are-zero can leave the clip in `nearest_code` a negative key and send
+  them to the last code (1.0); the arithmetic path gives code 0.
+  """
+  fmt = jq.get_format(name)
+
+  @jax.jit
+  def mismatches():
+    bits = (jnp.arange(2**24, dtype=jnp.uint32) << 8) | 0x5A  # mantissa bits set
+    y = jax.lax.bitcast_convert_type(bits, jnp.float32)
+    codes = F._dynamic_encode(fmt, y)
+    expected = F.nearest_code(fmt, y)
+    if not fmt.signed:  # bit tests: float compares see subnormals as zeros here
+      negative_subnormal = (bits >> 23) == 0x100
+      expected = jnp.where(negative_subnormal, 0, expected)
+    return jnp.sum(((codes != expected) & ~jnp.isnan(y)).astype(jnp.int32))
+
+  assert int(mismatches()) == 0
+
+
+@pytest.mark.parametrize("name", DYNAMIC_FORMATS)
+def test_dynamic_encode_of_nan_and_infinities(name):
+  """+NaN gets the last code, -NaN the code of magnitude 0, whatever the payload."""
+  fmt = jq.get_format(name)
+  zero_code = fmt.dynamic.zero_code
+  nans = np.array([0x7FC00000, 0x7F800001, 0x7FFFFFFF], np.uint32)
+  x = np.concatenate([np.array([np.inf, -np.inf], np.float32), nans.view(np.float32),
+                      (nans | 0x80000000).view(np.float32)])
+  codes = np.asarray(jax.jit(lambda y: F._dynamic_encode(fmt, y))(x))
+  last = 2**fmt.bits - 1
+  np.testing.assert_array_equal(codes, [last, 0, last, last, last] + [zero_code] * 3)
