@@ -33,3 +33,9 @@ def test_kernels_is_a_subpackage_not_a_top_level_module(tmp_path):
   out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, check=True,
                        capture_output=True, text=True).stdout.strip()
   assert out == "None"
+
+
+def test_python_dash_m_jaxquant_runs_the_command(tmp_path):
+  out = subprocess.run([sys.executable, "-m", "jaxquant", "formats"], cwd=tmp_path,
+                       check=True, capture_output=True, text=True).stdout
+  assert "fp4_e2m1" in out and "nf4" in out
