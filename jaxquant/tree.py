@@ -112,22 +112,34 @@ def quantize_tree(params: Any, rules: RulesLike) -> Any:
     ...          jq.Rule(r".*", None)]
     >>> qparams = jq.quantize_tree(params, rules)
   """
-  rules = _as_rules(rules)
 
-  def quantize_leaf(path, leaf):
-    if not _is_float_array(leaf):
-      return leaf
-    name = path_to_str(path)
-    spec = spec_for(name, rules)
-    if spec is None:
-      return leaf
+  def quantize_leaf(leaf, spec, name):
     try:
       return quantize(leaf, spec)
     except (ValueError, TypeError) as e:
       raise type(e)(f"cannot quantize {name} (shape {tuple(leaf.shape)}) with "
                     f"format {spec.format.name}: {e}") from e
 
-  return jax.tree_util.tree_map_with_path(quantize_leaf, params, is_leaf=_is_qarray)
+  return map_by_rules(quantize_leaf, params, rules)
+
+
+def map_by_rules(fn, params: Any, rules: RulesLike) -> Any:
+  """Replaces each float array leaf selected by `rules` with ``fn(leaf, spec, path)``.
+
+  The one walk behind `quantize_tree` and `jaxquant.qat.fake_quant_tree`: the
+  first rule whose pattern fully matches the leaf's "/"-joined path gives `spec`;
+  leaves with no match, a None spec, a non-float dtype, and QArrays pass through.
+  """
+  rules = _as_rules(rules)
+
+  def leaf_fn(path, leaf):
+    if not _is_float_array(leaf):
+      return leaf
+    name = path_to_str(path)
+    spec = spec_for(name, rules)
+    return leaf if spec is None else fn(leaf, spec, name)
+
+  return jax.tree_util.tree_map_with_path(leaf_fn, params, is_leaf=_is_qarray)
 
 
 def dequantize_tree(qparams: Any, dtype=None) -> Any:

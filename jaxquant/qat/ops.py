@@ -74,15 +74,7 @@ def fake_quant_tree(params: Any, rules) -> Any:
 
   Use inside a loss: ``loss(jq.qat.fake_quant_tree(params, rules), batch)``.
   """
-  rules = tree_lib._as_rules(rules)  # pylint: disable=protected-access
-
-  def leaf(path, value):
-    if not tree_lib._is_float_array(value):  # pylint: disable=protected-access
-      return value
-    spec = tree_lib.spec_for(tree_lib.path_to_str(path), rules)
-    return value if spec is None else fake_quant(value, spec)
-
-  return jax.tree_util.tree_map_with_path(leaf, params)
+  return tree_lib.map_by_rules(lambda w, spec, _: fake_quant(w, spec), params, rules)
 
 
 # ----------------------------------------------------------------------------
@@ -255,15 +247,11 @@ def dampening_loss(params: Any, rules) -> jax.Array:
   in Quantization-Aware Training"); its gradient pulls each latent weight towards
   its current grid point. Optional per run: leave it out for plain QAT.
   """
-  rules = tree_lib._as_rules(rules)  # pylint: disable=protected-access
-
-  def leaf(path, w):
-    spec = tree_lib.spec_for(tree_lib.path_to_str(path), rules)
-    if spec is None or not tree_lib._is_float_array(w):  # pylint: disable=protected-access
-      return jnp.zeros([], jnp.float32)
-    diff = w.astype(jnp.float32) - jax.lax.stop_gradient(fake_quant(w, spec)).astype(
-        jnp.float32)
-    return jnp.sum(diff * diff)
-
-  per_leaf = jax.tree_util.tree_map_with_path(leaf, params)
-  return sum(jax.tree.leaves(per_leaf), jnp.zeros([], jnp.float32))
+  # Leaves no rule selects come back unchanged, so they add exactly 0.
+  quantized = jax.lax.stop_gradient(fake_quant_tree(params, rules))
+  total = jnp.zeros([], jnp.float32)
+  for w, w_q in zip(jax.tree.leaves(params), jax.tree.leaves(quantized)):
+    if hasattr(w, "dtype") and jnp.issubdtype(w.dtype, jnp.floating):
+      diff = w.astype(jnp.float32) - w_q.astype(jnp.float32)
+      total = total + jnp.sum(diff * diff)
+  return total
