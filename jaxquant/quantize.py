@@ -262,13 +262,17 @@ def _pow2_scale(fmt, amax):
 
   A group of zeros gets the smallest scale, 2^-127.
   """
-  safe = jnp.where(amax > 0, amax, 1.0)
-  if fmt.kind == "float":
-    _, exp = jnp.frexp(safe)
-    exponent = exp - 1 - fmt.emax  # floor(log2(amax)) - emax_elem
-  else:
-    exponent = jnp.ceil(jnp.log2(safe / fmt.max))
+  if fmt.kind != "float":
+    return _next_pow2_scale(amax / fmt.max)
+  _, exp = jnp.frexp(jnp.where(amax > 0, amax, 1.0))
+  exponent = exp - 1 - fmt.emax  # floor(log2(amax)) - emax_elem
   return _e8m0_from_exponent(jnp.where(amax > 0, exponent, -127).astype(jnp.int32))
+
+
+def _next_pow2_scale(raw):
+  """e8m0 scale: the smallest power of two >= raw (2^-127 for raw == 0)."""
+  exponent = jnp.ceil(jnp.log2(jnp.where(raw > 0, raw, 1.0)))
+  return _e8m0_from_exponent(jnp.where(raw > 0, exponent, -127).astype(jnp.int32))
 
 
 def _round_scale(spec, raw):
@@ -310,7 +314,7 @@ def _scales(spec, lo, hi, tensor_scale):
     return _round_scale(spec, raw), None
   raw = (hi - lo) / (fmt.max - fmt.min)
   if spec.scale_dtype == "e8m0":
-    scale = _pow2_scale(formats_lib.get_format("uint1"), raw)  # smallest 2^k >= raw
+    scale = _next_pow2_scale(raw)
   else:
     scale = _round_scale(spec, raw)
   scale_f32 = scale.astype(jnp.float32)
