@@ -3,15 +3,12 @@
 Runs in-process under the strict dtype and rank promotion of conftest.py (~30 s).
 """
 
-import contextlib
-import importlib.util
-import io
-import json
 import math
 import pathlib
 import sys
 
 import pytest
+from example_harness import load_example, run_quick
 
 EXAMPLE = pathlib.Path(__file__).parent.parent / "examples" / "optim_quality.py"
 # Measured on the quick run (2 seeds, 100 steps): the 8-bit held-out loss is -3.5%
@@ -23,26 +20,14 @@ MAX_RELATIVE_DIFF = {"digits": 0.10, "text": 0.01}
 
 @pytest.fixture(scope="module")
 def example():
-  spec = importlib.util.spec_from_file_location("optim_quality_example", EXAMPLE)
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module
-  spec.loader.exec_module(module)
-  yield module
-  del sys.modules[spec.name]
+  yield load_example(EXAMPLE.name, "optim_quality_example")
+  del sys.modules["optim_quality_example"]
 
 
 @pytest.fixture(scope="module")
 def quick_run(example, tmp_path_factory):
-  """(returned results, JSON written, printed output, plot path) of one quick run."""
-  pytest.importorskip("sklearn")
-  pytest.importorskip("matplotlib")
-  out = tmp_path_factory.mktemp("optim_quality")
-  plot, numbers = out / "curves.png", out / "numbers.json"
-  printed = io.StringIO()
-  with contextlib.redirect_stdout(printed):
-    results = example.main(["--quick", "--plot", str(plot), "--json", str(numbers)])
-  print(printed.getvalue())
-  return results, json.loads(numbers.read_text()), printed.getvalue(), plot
+  """(returned value, JSON written, printed output, plot path) of one quick run."""
+  return run_quick(example, tmp_path_factory.mktemp("optim_quality"), "curves.png")
 
 
 def test_quick_run_writes_the_plot(quick_run):

@@ -3,15 +3,12 @@
 Runs in-process under the strict dtype and rank promotion of conftest.py (~30 s).
 """
 
-import contextlib
-import importlib.util
-import io
-import json
 import math
 import pathlib
 import sys
 
 import pytest
+from example_harness import load_example, run_quick
 
 EXAMPLE = pathlib.Path(__file__).parent.parent / "examples" / "qat_digits.py"
 # QAT minus PTQ test accuracy at 2 bits in the quick run (seed 0), measured: +5.8
@@ -23,26 +20,14 @@ MIN_TWO_BIT_GAIN = 0.02
 
 @pytest.fixture(scope="module")
 def example():
-  spec = importlib.util.spec_from_file_location("qat_digits_example", EXAMPLE)
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module
-  spec.loader.exec_module(module)
-  yield module
-  del sys.modules[spec.name]
+  yield load_example(EXAMPLE.name, "qat_digits_example")
+  del sys.modules["qat_digits_example"]
 
 
 @pytest.fixture(scope="module")
 def quick_run(example, tmp_path_factory):
-  """(returned summary, JSON written, printed output, plot path) of one quick run."""
-  pytest.importorskip("sklearn")
-  pytest.importorskip("matplotlib")
-  out = tmp_path_factory.mktemp("qat_digits")
-  plot, numbers = out / "accuracy.png", out / "numbers.json"
-  printed = io.StringIO()
-  with contextlib.redirect_stdout(printed):
-    summary = example.main(["--quick", "--plot", str(plot), "--json", str(numbers)])
-  print(printed.getvalue())
-  return summary, json.loads(numbers.read_text()), printed.getvalue(), plot
+  """(returned value, JSON written, printed output, plot path) of one quick run."""
+  return run_quick(example, tmp_path_factory.mktemp("qat_digits"), "accuracy.png")
 
 
 def test_quick_run_writes_the_plot_and_the_table(quick_run):
