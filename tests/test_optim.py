@@ -38,7 +38,7 @@ def _grads(step, params):
 def test_state_leaf_codes_are_the_nearest_dynamic_map_entries():
   value = jax.random.normal(jax.random.key(0), (64, 512)) ** 3
   quantizer = jq.optim.EIGHT_BIT
-  q = quantizer.like(value, quantizer.zeros(value, signed=True))
+  q = state_lib.store(value.reshape(64, 2, 256), quantizer.zeros(value, signed=True))
   assert q.codes.dtype == jnp.uint8 and q.scale.shape == (64, 2)
   blocks = np.asarray(value).reshape(64, 2, 256)
   absmax = np.abs(blocks).max(axis=-1, keepdims=True)
@@ -187,3 +187,19 @@ def test_checkpoint_round_trip_resumes_bit_identically(tmp_path):
 def test_bad_quantizer_settings():
   with pytest.raises(ValueError, match="power of two"):
     jq.optim.adamw_8bit(1e-3, block_size=100)
+
+
+@pytest.mark.parametrize("quantizer", [jq.optim.EIGHT_BIT, jq.optim.FOUR_BIT])
+@pytest.mark.parametrize("shape", [(512, 96), (8, 1024), (96, 64, 3)])
+def test_store_in_the_blocked_view_equals_quantize(quantizer, shape):
+  value = jax.random.normal(jax.random.key(2), shape) ** 3
+  value = value.at[0].set(0.0)  # a block of zeros keeps scale 0
+  for signed in (True, False):
+    v = value if signed else value * value
+    previous = quantizer.zeros(v, signed=signed)
+    stored = state_lib.store(state_lib.view(v, previous), previous)
+    expected = jq.quantize(v, previous.spec)
+    np.testing.assert_array_equal(stored.codes, expected.codes)
+    np.testing.assert_array_equal(stored.scale, expected.scale)
+    np.testing.assert_array_equal(state_lib.load(stored).reshape(shape),
+                                  jq.dequantize(expected))

@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxquant.qarray import QArray
-from jaxquant.quantize import QuantSpec, dequantize, quantize
+from jaxquant import formats
+from jaxquant.quantize import QuantSpec, quantize
 
 _SMALLEST_BLOCK = 32
 
@@ -83,18 +84,55 @@ class StateQuantizer:
     spec = self.spec(param.shape, signed=signed)
     return zeros if spec is None else quantize(zeros, spec)
 
-  def like(self, value: jax.Array, previous):
-    """Stores float32 `value` the way `previous` (the old state leaf) was stored."""
-    if isinstance(previous, QArray):
-      return quantize(value, previous.spec)
-    return value.astype(jnp.float32)
+
+# ----------------------------------------------------------------------------
+# A step works on each state leaf in its *blocked view*: the leaf's shape with its
+# block axis split into [n_blocks, block] (a float32 leaf's view is its own shape).
+# Decoding, the update and re-encoding then share one layout, and XLA decodes each
+# moment once and reads the new moments once for the block absmax and once for the
+# codes; moving between the parameter's shape and the blocked one mid-step made it
+# decode each moment three times.
+
+
+def _block(leaf: QArray) -> tuple[int, int]:
+  """(axis, block) of a quantized state leaf."""
+  ((axis, block),) = leaf.spec.block_size_dict.items()
+  return axis, block
+
+
+def view(x: jax.Array, leaf) -> jax.Array:
+  """`x` (shaped like the parameter) in the blocked view of state `leaf`."""
+  if not isinstance(leaf, QArray):
+    return x
+  axis, block = _block(leaf)
+  shape = x.shape
+  return x.reshape(shape[:axis] + (shape[axis] // block, block) + shape[axis + 1:])
 
 
 def load(leaf) -> jax.Array:
-  """A state leaf as float32 (dequantized when it is a QArray)."""
-  if isinstance(leaf, QArray):
-    return dequantize(leaf, jnp.float32)
-  return leaf.astype(jnp.float32)
+  """A state leaf as float32, in its blocked view (dequantized when a QArray)."""
+  if not isinstance(leaf, QArray):
+    return leaf.astype(jnp.float32)
+  axis, _ = _block(leaf)
+  values = formats.decode(leaf.format, view(leaf.codes, leaf))
+  return values * jnp.expand_dims(leaf.scale.astype(jnp.float32), axis + 1)
+
+
+def store(value: jax.Array, previous):
+  """float32 `value` (in the blocked view) stored the way `previous` was.
+
+  For a QArray, the same codes and scales as ``quantize(value, previous.spec)``:
+  each block's absmax over the format's largest magnitude is its scale.
+  """
+  if not isinstance(previous, QArray):
+    return value.astype(jnp.float32)
+  axis, _ = _block(previous)
+  fmt = previous.format
+  scale = jnp.max(jnp.abs(value), axis=axis + 1, keepdims=True) / fmt.max
+  codes = formats.encode(fmt, value / jnp.where(scale > 0, scale, 1.0))
+  return QArray(codes=codes.reshape(previous.shape),
+                scale=scale.reshape(previous.scale.shape), zero_point=None,
+                tensor_scale=None, spec=previous.spec, dtype=jnp.float32)
 
 
 def is_state_leaf(x) -> bool:

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxquant.optim.state import StateQuantizer, is_state_leaf, load
+from jaxquant.optim.state import StateQuantizer, is_state_leaf, load, store, view
 
 ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
 
@@ -79,8 +79,8 @@ def scale_by_adam_8bit(
     correction2 = _bias_correction(b2, count)
     next_correction1 = _bias_correction(b1, optax.safe_increment(count))
 
-    def leaf(g, mu_leaf, nu_leaf):
-      g32 = g.astype(jnp.float32)
+    def leaf(g, mu_leaf, nu_leaf):  # mu_leaf and nu_leaf share one blocked view
+      g32 = view(g, mu_leaf).astype(jnp.float32)
       mu = b1 * load(mu_leaf) + (1 - b1) * g32
       nu = b2 * load(nu_leaf) + (1 - b2) * g32 * g32
       if nesterov:
@@ -88,8 +88,8 @@ def scale_by_adam_8bit(
       else:
         mu_hat = mu / correction1
       update = mu_hat / (jnp.sqrt(nu / correction2 + eps_root) + eps)
-      return (update.astype(g.dtype), quantizer.like(mu, mu_leaf),
-              quantizer.like(nu, nu_leaf))
+      return (update.reshape(g.shape).astype(g.dtype), store(mu, mu_leaf),
+              store(nu, nu_leaf))
 
     results = jax.tree.map(leaf, updates, state.mu, state.nu, is_leaf=is_state_leaf)
     new_updates, mu, nu = _unzip(updates, results, 3)
@@ -124,11 +124,11 @@ def scale_by_lion_8bit(
     del params
 
     def leaf(g, mu_leaf):
-      g32 = g.astype(jnp.float32)
+      g32 = view(g, mu_leaf).astype(jnp.float32)
       mu = load(mu_leaf)
       update = jnp.sign(b1 * mu + (1 - b1) * g32)
       mu = b2 * mu + (1 - b2) * g32
-      return update.astype(g.dtype), quantizer.like(mu, mu_leaf)
+      return update.reshape(g.shape).astype(g.dtype), store(mu, mu_leaf)
 
     results = jax.tree.map(leaf, updates, state.mu, is_leaf=is_state_leaf)
     new_updates, mu = _unzip(updates, results, 2)
@@ -162,10 +162,10 @@ def trace_8bit(
     del params
 
     def leaf(g, trace_leaf):
-      g32 = g.astype(jnp.float32)
+      g32 = view(g, trace_leaf).astype(jnp.float32)
       trace = g32 + decay * load(trace_leaf)
       update = g32 + decay * trace if nesterov else trace
-      return update.astype(g.dtype), quantizer.like(trace, trace_leaf)
+      return update.reshape(g.shape).astype(g.dtype), store(trace, trace_leaf)
 
     results = jax.tree.map(leaf, updates, state.trace, is_leaf=is_state_leaf)
     new_updates, trace = _unzip(updates, results, 2)
