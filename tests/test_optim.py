@@ -75,7 +75,7 @@ def test_state_sizes_dtypes_and_memory_ratio():
   assert nbytes(four) / nbytes(reference) <= 0.14
 
 
-@pytest.mark.parametrize("name", ["adamw", "adam", "lion", "sgd", "adamw_4bit"])
+@pytest.mark.parametrize("name", ["adamw", "adam", "lion", "sgd", "adamw_4bit", "ademamix"])
 def test_matches_the_optax_twin_within_quantization_error(name):
   ours, reference, tolerance = {
       "adamw": (jq.optim.adamw_8bit(1e-3), optax.adamw(1e-3), 0.05),
@@ -83,6 +83,8 @@ def test_matches_the_optax_twin_within_quantization_error(name):
       "lion": (jq.optim.lion_8bit(1e-3), optax.lion(1e-3), 0.05),
       "sgd": (jq.optim.sgd_8bit(1e-2, momentum=0.9), optax.sgd(1e-2, momentum=0.9), 0.05),
       "adamw_4bit": (jq.optim.adamw_4bit(1e-3), optax.adamw(1e-3), 0.3),
+      "ademamix": (jq.optim.ademamix_8bit(1e-3, weight_decay=1e-2),
+                   optax.contrib.ademamix(1e-3, weight_decay=1e-2), 0.05),
   }[name]
   params = _params()
   step_ours = jax.jit(ours.update)
@@ -101,12 +103,16 @@ def test_matches_the_optax_twin_within_quantization_error(name):
   assert step_ours._cache_size() == 1
 
 
+def _b3_schedule(count):
+  return 0.99 + 0.001 * count.astype(jnp.float32)
+
+
 def _dequantized(tree):
   return jax.tree.map(lambda x: jq.dequantize(x) if isinstance(x, jq.QArray) else x, tree,
                       is_leaf=lambda x: isinstance(x, jq.QArray))
 
 
-@pytest.mark.parametrize("name", ["adamw", "nadam", "lion", "sgd"])
+@pytest.mark.parametrize("name", ["adamw", "nadam", "lion", "sgd", "ademamix"])
 def test_one_step_equals_optax_from_the_dequantized_state(name):
   """From any state, a step is optax's step from the dequantized state, requantized."""
   ours, reference = {
@@ -114,6 +120,8 @@ def test_one_step_equals_optax_from_the_dequantized_state(name):
       "nadam": (jq.optim.adam_8bit(1e-3, nesterov=True), optax.adam(1e-3, nesterov=True)),
       "lion": (jq.optim.lion_8bit(1e-3), optax.lion(1e-3)),
       "sgd": (jq.optim.sgd_8bit(1e-2, momentum=0.9), optax.sgd(1e-2, momentum=0.9)),
+      "ademamix": (jq.optim.ademamix_8bit(1e-3, b3=_b3_schedule, alpha=4.0),
+                   optax.contrib.ademamix(1e-3, b3=_b3_schedule, alpha=4.0)),
   }[name]
   params = _params()
   state = ours.init(params)

@@ -98,6 +98,68 @@ def scale_by_adam_8bit(
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+class ScaleByAdemamix8bitState(NamedTuple):
+  """State of `scale_by_ademamix_8bit` (the fields of optax's AdEMAMix state)."""
+
+  count: jax.Array  # int32[]
+  count_m2: jax.Array  # int32[]
+  m1: optax.Updates  # fast EMA; per leaf: QArray (signed map) or float32
+  m2: optax.Updates  # slow EMA; per leaf: QArray (signed map) or float32
+  nu: optax.Updates  # second moment; per leaf: QArray (unsigned map) or float32
+
+
+def scale_by_ademamix_8bit(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    b3: ScalarOrSchedule = 0.9999,
+    alpha: ScalarOrSchedule = 6.0,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    *,
+    quantizer: StateQuantizer = EIGHT_BIT,
+) -> optax.GradientTransformation:
+  """AdEMAMix's rescaling (`optax.contrib.scale_by_ademamix`) with quantized moments.
+
+  ``update = (m1 / (1 - b1^t) + alpha * m2) / (sqrt(nu / (1 - b2^t) + eps_root) + eps)``
+  with a fast EMA `m1` (decay `b1`), a slow EMA `m2` (decay `b3`, no bias
+  correction) and the second moment `nu`; `b3` and `alpha` may be schedules of
+  the step count, as in optax.
+  """
+
+  def init_fn(params):
+    signed = lambda p: quantizer.zeros(p, signed=True)
+    return ScaleByAdemamix8bitState(
+        jnp.zeros([], jnp.int32), jnp.zeros([], jnp.int32),
+        jax.tree.map(signed, params), jax.tree.map(signed, params),
+        jax.tree.map(lambda p: quantizer.zeros(p, signed=False), params))
+
+  def update_fn(updates, state, params=None):
+    del params
+    c_b3 = b3(state.count_m2) if callable(b3) else b3
+    c_alpha = alpha(state.count_m2) if callable(alpha) else alpha
+    count = optax.safe_increment(state.count)
+    correction1 = _bias_correction(b1, count)
+    correction2 = _bias_correction(b2, count)
+
+    def leaf(g, m1_leaf, m2_leaf, nu_leaf):  # the three share one blocked view
+      g32 = view(g, m1_leaf).astype(jnp.float32)
+      m1 = b1 * load(m1_leaf) + (1 - b1) * g32
+      m2 = c_b3 * load(m2_leaf) + (1 - c_b3) * g32
+      nu = b2 * load(nu_leaf) + (1 - b2) * g32 * g32
+      update = ((m1 / correction1 + c_alpha * m2) /
+                (jnp.sqrt(nu / correction2 + eps_root) + eps))
+      return (update.reshape(g.shape).astype(g.dtype), store(m1, m1_leaf),
+              store(m2, m2_leaf), store(nu, nu_leaf))
+
+    results = jax.tree.map(leaf, updates, state.m1, state.m2, state.nu,
+                           is_leaf=is_state_leaf)
+    new_updates, m1, m2, nu = _unzip(updates, results, 4)
+    return new_updates, ScaleByAdemamix8bitState(
+        count, optax.safe_increment(state.count_m2), m1, m2, nu)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
 class ScaleByLion8bitState(NamedTuple):
   """State of `scale_by_lion_8bit`."""
 
@@ -231,6 +293,19 @@ def _adamw(quantizer, learning_rate, b1, b2, eps, eps_root, weight_decay, mask,
            nesterov) -> optax.GradientTransformationExtraArgs:
   return optax.chain(
       scale_by_adam_8bit(b1, b2, eps, eps_root, nesterov=nesterov, quantizer=quantizer),
+      optax.add_decayed_weights(weight_decay, mask),
+      optax.scale_by_learning_rate(learning_rate))
+
+
+def ademamix_8bit(learning_rate: ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
+                  b3: ScalarOrSchedule = 0.9999, alpha: ScalarOrSchedule = 5.0,
+                  eps: float = 1e-8, eps_root: float = 0.0, weight_decay: float = 0.0,
+                  mask: Optional[Any] = None, *, block_size: int = 256,
+                  min_size: int = 4096) -> optax.GradientTransformationExtraArgs:
+  """`optax.contrib.ademamix` with 8-bit block-wise moments (both EMAs and nu)."""
+  quantizer = _quantizer(EIGHT_BIT, block_size, min_size)
+  return optax.chain(
+      scale_by_ademamix_8bit(b1, b2, b3, alpha, eps, eps_root, quantizer=quantizer),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate))
 
