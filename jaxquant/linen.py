@@ -21,14 +21,9 @@ QArray. Every other call passes through untouched. Nothing in `jax.lax` is
 patched. A QArray among the params of a layer type that cannot run quantized
 raises a `TypeError` naming the variable.
 
-Contractions. `quantized_dot_general`, `quantized_einsum` and `quantized_conv`
-take arrays or QArrays. When both operands are symmetric integer QArrays of at
-most 8 bits whose scales are constant along the contracted axes (int8 weights
-per output channel, int8 activations per token or per tensor), the codes are
-contracted int8 x int8 -> int32 (``preferred_element_type=jnp.int32``) and the
-two scales are applied once to the result. Anything else is dequantized and
-contracted in float, the documented fallback until `jaxquant.matmul` exists.
-Accumulation in int32 is exact for contractions of up to 133,000 int8 products.
+Contractions go through `jaxquant.matmul` (`quantized_dot_general`,
+`quantized_einsum`, `quantized_conv`): int8 x int8 -> int32 when both operands'
+scales factor out of the contraction, dequantize-then-contract otherwise.
 
 Rules and paths. Weight rules are the `quantize_tree` rules over variable paths
 (``params/Dense_0/kernel``); activation rules are ``(pattern, value)`` pairs or
@@ -52,7 +47,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import re
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
@@ -60,10 +54,11 @@ import flax.linen as nn
 from flax.linen import linear as linen_linear
 import jax
 import jax.numpy as jnp
-import opt_einsum
 
 from jaxquant import formats as formats_lib
 from jaxquant import tree as tree_lib
+from jaxquant.matmul import (as_float as _as_float, explicit_einsum, quantized_conv,
+                             quantized_dot_general, quantized_einsum)
 from jaxquant.qarray import QArray
 from jaxquant.quantize import QuantSpec, dequantize, quantize
 
@@ -272,184 +267,12 @@ def quantize_input(x: jax.Array, act: Optional[ActivationQuant],
 
 
 # ----------------------------------------------------------------------------
-# Quantized contractions: integer codes when the scales factor out, else float.
-
-
-def _as_float(a, dtype) -> jax.Array:
-  """A QArray dequantized in its own dtype, then cast; an array cast to `dtype`."""
-  if isinstance(a, QArray):
-    a = dequantize(a)
-  return jnp.asarray(a).astype(dtype)
-
-
-def _shape(a) -> tuple[int, ...]:
-  return tuple(a.shape)
-
-
-def _int_codes(q: QArray) -> jax.Array:
-  return q.codes.astype(jnp.int8)
-
-
-def _factors(q, letters: Sequence[str], out_letters: Sequence[str]) -> bool:
-  """Whether q's scale factors out of a contraction.
-
-  True for symmetric integer codes of <= 8 bits whose scale is constant along
-  every reduced axis and per index (or shared) along every kept axis: no
-  blocks, zero points or second-level scales.
-  """
-  if not isinstance(q, QArray):
-    return False
-  fmt = q.format
-  if (fmt.kind != "int" or fmt.bits > 8 or q.zero_point is not None
-      or q.tensor_scale is not None or len(set(letters)) != len(letters)):
-    return False
-  return all(n == 1 or (c in out_letters and n == size)
-             for n, size, c in zip(q.scale.shape, q.shape, letters))
-
-
-def _scale_in_output(q: QArray, letters: Sequence[str], out_letters: Sequence[str]
-                     ) -> jax.Array:
-  """q's float32 scale laid out like the output: its kept axes in place, 1 elsewhere."""
-  scale = q.scale.astype(jnp.float32)
-  kept = [c for c in out_letters if c in letters]
-  dropped = [i for i, c in enumerate(letters) if c not in out_letters]
-  scale = jnp.transpose(scale, [letters.index(c) for c in kept] + dropped)
-  sizes = dict(zip(kept, scale.shape))
-  return jnp.reshape(scale, [sizes.get(c, 1) for c in out_letters])
-
-
-def _int_contraction(lhs: QArray, rhs: QArray, letters, contract: Callable,
-                     out_dtype) -> jax.Array:
-  """``contract(lhs codes, rhs codes)`` in int32, both scales applied once, in float32."""
-  lhs_letters, rhs_letters, out_letters = letters
-  acc = contract(_int_codes(lhs), _int_codes(rhs))
-  out = acc.astype(jnp.float32) * _scale_in_output(lhs, lhs_letters, out_letters)
-  out = out * _scale_in_output(rhs, rhs_letters, out_letters)
-  return out.astype(out_dtype)
-
-
-def int_path_applies(lhs, rhs, letters) -> bool:
-  """Whether a contraction with these operands takes the int8 x int8 -> int32 path."""
-  lhs_letters, rhs_letters, out_letters = letters
-  return (_factors(lhs, lhs_letters, out_letters)
-          and _factors(rhs, rhs_letters, out_letters))
-
-
-def _dot_letters(lhs_ndim: int, rhs_ndim: int, dimension_numbers):
-  """Axis labels of a dot_general: (lhs, rhs, out), shared labels for batch/contract."""
-  (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
-  lhs = [f"l{i}" for i in range(lhs_ndim)]
-  rhs = [f"r{i}" for i in range(rhs_ndim)]
-  for n, (a, b) in enumerate(zip(lhs_contract, rhs_contract)):
-    lhs[a] = rhs[b] = f"c{n}"
-  for n, (a, b) in enumerate(zip(lhs_batch, rhs_batch)):
-    lhs[a] = rhs[b] = f"b{n}"
-  out = ([f"b{n}" for n in range(len(lhs_batch))]
-         + [c for c in lhs if c.startswith("l")] + [c for c in rhs if c.startswith("r")])
-  return lhs, rhs, out
-
-
-def _sharding_kwargs(out_sharding) -> dict:
-  return {} if out_sharding is None else {"out_sharding": out_sharding}
-
-
-def quantized_dot_general(lhs, rhs, dimension_numbers, *, dtype, precision=None,
-                          preferred_element_type=None, out_sharding=None) -> jax.Array:
-  """`jax.lax.dot_general` over arrays or QArrays.
-
-  Args:
-    lhs, rhs: float arrays or QArrays.
-    dimension_numbers: as for `jax.lax.dot_general`.
-    dtype: the compute dtype floats are cast to (the layer's promoted dtype).
-    precision, preferred_element_type, out_sharding: as for `jax.lax.dot_general`
-      on the float path; the int path returns `preferred_element_type` or `dtype`.
-  Returns:
-    The contraction; int8 x int8 -> int32 with scales applied after the dot when
-    `int_path_applies`, else dequantize-then-dot.
-  """
-  lhs_ndim, rhs_ndim = len(_shape(lhs)), len(_shape(rhs))
-  letters = _dot_letters(lhs_ndim, rhs_ndim, dimension_numbers)
-  if int_path_applies(lhs, rhs, letters):
-    contract = functools.partial(jax.lax.dot_general, dimension_numbers=dimension_numbers,
-                                 preferred_element_type=jnp.int32,
-                                 **_sharding_kwargs(out_sharding))
-    return _int_contraction(lhs, rhs, letters, contract, preferred_element_type or dtype)
-  return jax.lax.dot_general(_as_float(lhs, dtype), _as_float(rhs, dtype),
-                             dimension_numbers, precision=precision,
-                             preferred_element_type=preferred_element_type,
-                             **_sharding_kwargs(out_sharding))
-
-
-def explicit_einsum(equation: str, lhs_shape, rhs_shape) -> tuple[str, str, str]:
-  """(lhs, rhs, out) subscripts of a two-operand einsum, ellipses spelled out."""
-  equation = equation.replace(" ", "")
-  if "->" not in equation or equation.count(",") != 1:
-    raise ValueError(f"einsum equation {equation!r} must be explicit ('->') with "
-                     "exactly two operands")
-  operands = (jax.ShapeDtypeStruct(tuple(lhs_shape), jnp.float32),
-              jax.ShapeDtypeStruct(tuple(rhs_shape), jnp.float32))
-  inputs, out, _ = opt_einsum.parser.parse_einsum_input((equation, *operands))
-  lhs, rhs = inputs.split(",")
-  return lhs, rhs, out
-
-
-def quantized_einsum(equation: str, lhs, rhs, *, dtype, precision=None,
-                     preferred_element_type=None, out_sharding=None) -> jax.Array:
-  """`jnp.einsum` of two operands, arrays or QArrays (int path as for dot_general)."""
-  lhs_letters, rhs_letters, out_letters = explicit_einsum(
-      equation, _shape(lhs), _shape(rhs))
-  explicit = f"{lhs_letters},{rhs_letters}->{out_letters}"
-  letters = (list(lhs_letters), list(rhs_letters), list(out_letters))
-  if int_path_applies(lhs, rhs, letters):
-    contract = functools.partial(jnp.einsum, explicit, preferred_element_type=jnp.int32,
-                                 **_sharding_kwargs(out_sharding))
-    return _int_contraction(lhs, rhs, letters, contract, preferred_element_type or dtype)
-  return jnp.einsum(explicit, _as_float(lhs, dtype), _as_float(rhs, dtype),
-                    precision=precision, preferred_element_type=preferred_element_type,
-                    **_sharding_kwargs(out_sharding))
-
-
-def _conv_letters(ndim: int, dimension_numbers):
-  """Axis labels of a convolution; the output's spatial axes are its own labels."""
-  lhs_spec, rhs_spec, out_spec = dimension_numbers
-  lhs, rhs, out = [""] * ndim, [""] * ndim, [""] * ndim
-  lhs[lhs_spec[0]], lhs[lhs_spec[1]] = "n", "c"
-  rhs[rhs_spec[0]], rhs[rhs_spec[1]] = "o", "c"
-  out[out_spec[0]], out[out_spec[1]] = "n", "o"
-  for i in range(2, ndim):
-    lhs[lhs_spec[i]], rhs[rhs_spec[i]], out[out_spec[i]] = f"s{i}", f"k{i}", f"p{i}"
-  return lhs, rhs, out
-
-
-def quantized_conv(lhs, rhs, window_strides, padding, *, dimension_numbers, dtype,
-                   lhs_dilation=None, rhs_dilation=None, feature_group_count=1,
-                   precision=None, preferred_element_type=None, out_sharding=None
-                   ) -> jax.Array:
-  """`jax.lax.conv_general_dilated` over arrays or QArrays.
-
-  The int path needs activation scales constant over the spatial and feature
-  axes (per tensor or per example) and kernel scales per output feature.
-  """
-  dn = jax.lax.conv_dimension_numbers(_shape(lhs), _shape(rhs), dimension_numbers)
-  conv = functools.partial(
-      jax.lax.conv_general_dilated, window_strides=window_strides, padding=padding,
-      lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation, dimension_numbers=dn,
-      feature_group_count=feature_group_count, **_sharding_kwargs(out_sharding))
-  letters = _conv_letters(len(_shape(lhs)), dn)
-  if int_path_applies(lhs, rhs, letters):
-    contract = functools.partial(conv, preferred_element_type=jnp.int32)
-    return _int_contraction(lhs, rhs, letters, contract, preferred_element_type or dtype)
-  return conv(_as_float(lhs, dtype), _as_float(rhs, dtype), precision=precision,
-              preferred_element_type=preferred_element_type)
-
-
-# ----------------------------------------------------------------------------
 # Layer math, shared with jaxquant.nnx: each reproduces a Flax layer's forward
 # pass from its attributes, with `quantize_fn(x, contract_axes)` on the input.
 
 
 def _struct(a):
-  return None if a is None else jax.ShapeDtypeStruct(_shape(a), a.dtype)
+  return None if a is None else jax.ShapeDtypeStruct(tuple(a.shape), a.dtype)
 
 
 def promoted_dtypes(promote: Callable, x, kernel, bias) -> tuple[Any, Any, Any]:
