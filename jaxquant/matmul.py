@@ -377,8 +377,12 @@ def _straight_through_token_quant(x: jax.Array, fmt: str) -> jax.Array:
   return x + jax.lax.stop_gradient(rounded - x)
 
 
-def _dtype(a):
-  return a.dtype  # a QArray's dtype is the dtype it was quantized from
+def _result_dtype(lhs, rhs):
+  """A float operand's dtype (a QArray adopts it); of two QArrays, their promoted
+  original dtypes; of two floats, their promotion."""
+  if isinstance(lhs, QArray) != isinstance(rhs, QArray):
+    return rhs.dtype if isinstance(lhs, QArray) else lhs.dtype
+  return jnp.promote_types(lhs.dtype, rhs.dtype)
 
 
 def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
@@ -390,8 +394,9 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
     lhs, rhs: float arrays or QArrays.
     dimension_numbers: ``((lhs_contract, rhs_contract), (lhs_batch, rhs_batch))``.
     precision: as for `jax.lax.dot_general` (XLA float path only).
-    preferred_element_type: the result dtype; default: the promoted dtype of the
-      operands (a QArray counts as the dtype it was quantized from).
+    preferred_element_type: the result dtype; default: the float operand's dtype
+      (a QArray adopts it: bfloat16 activations times an int4 weight give
+      bfloat16), or the promoted original dtypes of two QArrays.
     lhs_quant: None, "int8" or "fp8_e4m3": quantize a float `lhs` per token
       (one scale for each index of its non-contracted axes) on the fly, for
       w8a8 / fp8 matmuls; the gradient passes straight through.
@@ -418,7 +423,7 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
       raise ValueError(f"lhs_quant={lhs_quant!r}; expected None or one of {LHS_QUANT_FORMATS}")
     if isinstance(lhs, QArray):
       raise ValueError("lhs_quant quantizes a float lhs; this lhs is already a QArray")
-  out_dtype = preferred_element_type or jnp.promote_types(_dtype(lhs), _dtype(rhs))
+  out_dtype = preferred_element_type or _result_dtype(lhs, rhs)
   plan = _plan(lhs, rhs, dimension_numbers, lhs_quant, out_dtype, impl, interpret)
   if plan is not None:
     # [..., K] -> [M, K] (a QArray's codes and per-token scales alike).
@@ -433,8 +438,7 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
         f"dimension_numbers={dimension_numbers}, lhs_quant={lhs_quant!r})")
   if lhs_quant is not None:
     lhs = _straight_through_token_quant(lhs, lhs_quant)
-  compute_dtype = jnp.promote_types(_dtype(lhs), _dtype(rhs))
-  return quantized_dot_general(lhs, rhs, dimension_numbers, dtype=compute_dtype,
+  return quantized_dot_general(lhs, rhs, dimension_numbers, dtype=_result_dtype(lhs, rhs),
                                precision=precision,
                                preferred_element_type=preferred_element_type,
                                out_sharding=out_sharding)
