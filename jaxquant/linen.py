@@ -60,7 +60,7 @@ from jaxquant import tree as tree_lib
 from jaxquant.matmul import (as_float as _as_float, explicit_einsum, quantized_conv,
                              quantized_dot_general, quantized_einsum)
 from jaxquant.qarray import QArray
-from jaxquant.quantize import QuantSpec, dequantize, quantize
+from jaxquant.quantize import QuantSpec, quantize
 
 STATS_COLLECTION = "quant_stats"
 _GRANULARITIES = ("per_token", "per_tensor", "static", "spec")

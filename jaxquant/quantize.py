@@ -36,7 +36,6 @@ Codes are always computed with the rounded scale, so dequantization matches.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Mapping, Optional, Union
 
 import jax
