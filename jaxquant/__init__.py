@@ -25,5 +25,6 @@ from jaxquant import optim
 from jaxquant import qat
 from jaxquant import linen
 from jaxquant import nnx
+from jaxquant import vq
 
 __version__ = "0.1.0"
