@@ -488,12 +488,14 @@ def clip_range(q: QArray) -> tuple[jax.Array, jax.Array]:
 
 
 @jax.custom_jvp
-def _straight_through(x, x_quantized):
+def straight_through(x: jax.Array, x_quantized: jax.Array) -> jax.Array:
+  """`x_quantized` in the forward pass (exactly, no ``x + (q - x)`` rounding
+  error); the tangent of `x` (same shape) in the backward pass."""
   del x
   return x_quantized
 
 
-@_straight_through.defjvp
+@straight_through.defjvp
 def _straight_through_jvp(primals, tangents):
   _, x_quantized = primals
   x_dot, _ = tangents
@@ -513,4 +515,4 @@ def fake_quant(x: jax.Array, spec: "QuantSpec | str", *, key: Optional[jax.Array
     see `jaxquant.qat` for clipped and learned-scale variants.
   """
   quantized = dequantize(quantize(jax.lax.stop_gradient(x), spec, key=key))
-  return _straight_through(x, quantized)
+  return straight_through(x, quantized)

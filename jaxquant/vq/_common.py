@@ -5,23 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-
-@jax.custom_jvp
-def straight_through(x: jax.Array, x_quantized: jax.Array) -> jax.Array:
-  """`x_quantized` in the forward pass; the tangent of `x` in the backward pass.
-
-  Both arguments have the same shape. The forward value is exactly
-  `x_quantized` (no ``x + (q - x)`` rounding error).
-  """
-  del x
-  return x_quantized
-
-
-@straight_through.defjvp
-def _straight_through_jvp(primals, tangents):
-  x, x_quantized = primals
-  x_dot, _ = tangents
-  return x_quantized, x_dot
+from jaxquant.quantize import straight_through  # re-used by the vq modules
 
 
 def round_ste(x: jax.Array) -> jax.Array:
