@@ -12,23 +12,12 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pltriton
 
-from jaxquant.kernels._common import pad_to
+from jaxquant.kernels._scaled_matmul import scaled_matmul_gpu
 
 
-def _kernel(x_ref, xs_ref, w_ref, ws_ref, o_ref, *, block_k):
-  bm, bn = o_ref.shape
-
-  def step(k, acc):
-    start = pl.multiple_of(k * block_k, block_k)
-    return acc + jnp.dot(x_ref[:, pl.ds(start, block_k)],
-                         w_ref[pl.ds(start, block_k), :],
-                         preferred_element_type=jnp.float32)
-
-  acc = jax.lax.fori_loop(0, x_ref.shape[1] // block_k, step,
-                          jnp.zeros((bm, bn), jnp.float32))
-  o_ref[...] = (acc * (xs_ref[...] * ws_ref[...])).astype(o_ref.dtype)
+def _epilogue(acc, x_scale, w_scale):
+  return acc * (x_scale * w_scale)
 
 
 def _fit(block: int, n: int) -> int:
@@ -71,24 +60,9 @@ def fp8_matmul_gpu(x: jax.Array, x_scale: jax.Array, w: jax.Array,
                        "two >= 16")
   (m, k), n = x.shape, w.shape[1]
   bm, bn, bk = _fit(block_m, m), _fit(block_n, n), _fit(block_k, k)
-  x = pad_to(x, (bm, bk))
-  w = pad_to(w, (bk, bn))
-  x_scale = pad_to(jnp.broadcast_to(x_scale, (m, 1)), (bm, 1))
-  w_scale = pad_to(jnp.broadcast_to(w_scale, (1, n)), (1, bn))
-  (mp, kp), np_ = x.shape, w.shape[1]
-  out = pl.pallas_call(
-      functools.partial(_kernel, block_k=bk),
-      out_shape=jax.ShapeDtypeStruct((mp, np_), out_dtype),
-      grid=(mp // bm, np_ // bn),
-      in_specs=[
-          pl.BlockSpec((bm, kp), lambda i, j: (i, 0)),
-          pl.BlockSpec((bm, 1), lambda i, j: (i, 0)),
-          pl.BlockSpec((kp, bn), lambda i, j: (0, j)),
-          pl.BlockSpec((1, bn), lambda i, j: (0, j)),
-      ],
-      out_specs=pl.BlockSpec((bm, bn), lambda i, j: (i, j)),
-      compiler_params=pltriton.CompilerParams(num_warps=num_warps,
-                                              num_stages=num_stages),
-      interpret=interpret,
-  )(x, x_scale, w, w_scale)
-  return out[:m, :n]
+  x_scale = jnp.broadcast_to(x_scale, (m, 1))
+  w_scale = jnp.broadcast_to(w_scale, (1, n))
+  return scaled_matmul_gpu(x, x_scale, w, w_scale, acc_dtype=jnp.float32,
+                           out_dtype=out_dtype, epilogue=_epilogue, blocks=(bm, bn, bk),
+                           num_warps=num_warps, num_stages=num_stages,
+                           interpret=interpret, name="fp8_matmul")

@@ -14,28 +14,16 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.experimental import pallas as pl
-from jax.experimental.pallas import tpu as pltpu
 
-from jaxquant.kernels._common import pad_to, round_up
+from jaxquant.kernels._common import round_up
+from jaxquant.kernels._scaled_matmul import scaled_matmul_tpu
 
 # 8-bit arrays tile as (32, 128) in VMEM; blocks are multiples of that.
 SUBLANE, LANE = 32, 128
 
 
-def _kernel(x_ref, xs_ref, w_ref, ws_ref, o_ref, acc_ref):
-  k = pl.program_id(2)
-
-  @pl.when(k == 0)
-  def _():
-    acc_ref[...] = jnp.zeros_like(acc_ref)
-
-  acc_ref[...] += jnp.dot(x_ref[...], w_ref[...],
-                          preferred_element_type=jnp.float32)
-
-  @pl.when(k == pl.num_programs(2) - 1)
-  def _():
-    o_ref[...] = (acc_ref[...] * (xs_ref[...] * ws_ref[...])).astype(o_ref.dtype)
+def _epilogue(acc, x_scale, w_scale):
+  return acc * (x_scale * w_scale)
 
 
 @functools.partial(jax.jit, static_argnames=(
@@ -75,29 +63,8 @@ def fp8_matmul_tpu(x: jax.Array, x_scale: jax.Array, w: jax.Array,
   bm = min(block_m, round_up(m, SUBLANE))
   bn = min(block_n, round_up(n, LANE))
   bk = min(block_k, round_up(k, LANE))
-  x = pad_to(x, (bm, bk))
-  w = pad_to(w, (bk, bn))
-  x_scale = pad_to(jnp.broadcast_to(x_scale, (m, 1)), (bm, 1))
-  w_scale = pad_to(jnp.broadcast_to(w_scale, (1, n)), (1, bn))
-  (mp, kp), np_ = x.shape, w.shape[1]
-  out = pl.pallas_call(
-      _kernel,
-      out_shape=jax.ShapeDtypeStruct((mp, np_), out_dtype),
-      grid=(mp // bm, np_ // bn, kp // bk),
-      in_specs=[
-          pl.BlockSpec((bm, bk), lambda i, j, kk: (i, kk)),
-          pl.BlockSpec((bm, 1), lambda i, j, kk: (i, 0)),
-          pl.BlockSpec((bk, bn), lambda i, j, kk: (kk, j)),
-          pl.BlockSpec((1, bn), lambda i, j, kk: (0, j)),
-      ],
-      out_specs=pl.BlockSpec((bm, bn), lambda i, j, kk: (i, j)),
-      scratch_shapes=[pltpu.VMEM((bm, bn), jnp.float32)],
-      compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel", "parallel", "arbitrary")),
-      cost_estimate=pl.CostEstimate(
-          flops=2 * mp * np_ * kp, transcendentals=0,
-          bytes_accessed=(mp * kp + kp * np_) +
-          mp * np_ * jnp.dtype(out_dtype).itemsize),
-      interpret=interpret,
-  )(x, x_scale, w, w_scale)
-  return out[:m, :n]
+  x_scale = jnp.broadcast_to(x_scale, (m, 1))
+  w_scale = jnp.broadcast_to(w_scale, (1, n))
+  return scaled_matmul_tpu(x, x_scale, w, w_scale, acc_dtype=jnp.float32,
+                           out_dtype=out_dtype, epilogue=_epilogue, blocks=(bm, bn, bk),
+                           interpret=interpret, name="fp8_matmul")

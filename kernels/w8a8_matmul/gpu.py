@@ -1,8 +1,7 @@
 """Pallas Triton kernel of `w8a8_matmul`.
 
-Grid ``(M / block_m, N / block_n)``; each program loops over K in `block_k` steps,
-accumulating int32 products in registers, then applies the scales. Operands are
-zero-padded to block multiples (zero codes add nothing) and the result is sliced back.
+The grid of `jaxquant.kernels._scaled_matmul.scaled_matmul_gpu` with an int32
+accumulator in registers; the scales are applied after the K loop.
 """
 
 from __future__ import annotations
@@ -12,27 +11,15 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
-from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pltriton
-
-from jaxquant.kernels._common import pad_to
+from jaxquant.kernels._scaled_matmul import scaled_matmul_gpu
 
 
 def _pow2_at_least(n: int, floor: int = 16) -> int:
   return max(floor, 1 << (n - 1).bit_length())
 
 
-def _kernel(x_ref, xs_ref, w_ref, ws_ref, o_ref, *, block_k: int):
-  bm, bn = o_ref.shape
-
-  def step(kk, acc):
-    ks = pl.ds(pl.multiple_of(kk * block_k, block_k), block_k)
-    return acc + jnp.dot(x_ref[:, ks], w_ref[ks, :], preferred_element_type=jnp.int32)
-
-  acc = jax.lax.fori_loop(0, x_ref.shape[1] // block_k, step,
-                          jnp.zeros((bm, bn), jnp.int32))
-  out = acc.astype(jnp.float32) * xs_ref[...] * ws_ref[...]
-  o_ref[...] = out.astype(o_ref.dtype)
+def _epilogue(acc, x_scale, w_scale):
+  return acc.astype(jnp.float32) * x_scale * w_scale
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", "block_m", "block_n",
@@ -58,30 +45,11 @@ def w8a8_matmul_gpu(x_codes: jax.Array, x_scale: jax.Array, w_codes: jax.Array,
   Returns:
     ``out_dtype[M, N]``.
   """
-  m, k = x_codes.shape
-  n = w_codes.shape[1]
-  bm = block_m or min(_pow2_at_least(m), 128)
+  bm = block_m or min(_pow2_at_least(x_codes.shape[0]), 128)
   for name, b in (("block_m", bm), ("block_n", block_n), ("block_k", block_k)):
     if b < 16 or b & (b - 1):
       raise ValueError(f"w8a8_matmul_gpu: {name}={b}; expected a power of two >= 16")
-  x_codes, x_scale = pad_to(x_codes, (bm, block_k)), pad_to(x_scale, (bm, 1))
-  w_codes, w_scale = pad_to(w_codes, (block_k, block_n)), pad_to(w_scale, (1, block_n))
-  mp, kp = x_codes.shape
-  np_ = w_codes.shape[1]
-  out = pl.pallas_call(
-      functools.partial(_kernel, block_k=block_k),
-      out_shape=jax.ShapeDtypeStruct((mp, np_), out_dtype),
-      grid=(mp // bm, np_ // block_n),
-      in_specs=[
-          pl.BlockSpec((bm, kp), lambda i, j: (i, 0)),
-          pl.BlockSpec((bm, 1), lambda i, j: (i, 0)),
-          pl.BlockSpec((kp, block_n), lambda i, j: (0, j)),
-          pl.BlockSpec((1, block_n), lambda i, j: (0, j)),
-      ],
-      out_specs=pl.BlockSpec((bm, block_n), lambda i, j: (i, j)),
-      compiler_params=pltriton.CompilerParams(num_warps=num_warps,
-                                              num_stages=num_stages),
-      interpret=interpret,
-      name="w8a8_matmul",
-  )(x_codes, x_scale, w_codes, w_scale)
-  return out[:m, :n]
+  return scaled_matmul_gpu(x_codes, x_scale, w_codes, w_scale, acc_dtype=jnp.int32,
+                           out_dtype=out_dtype, epilogue=_epilogue,
+                           blocks=(bm, block_n, block_k), num_warps=num_warps,
+                           num_stages=num_stages, interpret=interpret, name="w8a8_matmul")
