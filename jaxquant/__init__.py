@@ -26,5 +26,6 @@ from jaxquant import qat
 from jaxquant import linen
 from jaxquant import nnx
 from jaxquant import vq
+from jaxquant import ptq
 
 __version__ = "0.1.0"
