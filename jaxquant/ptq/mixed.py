@@ -26,9 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxquant.ptq.calibration import output_error
 from jaxquant.quantize import QuantSpec, dequantize, quantize
-
-_HIGHEST = jax.lax.Precision.HIGHEST
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))
@@ -51,9 +50,7 @@ def layer_sensitivity(w: jax.Array, xtx: jax.Array, spec: QuantSpec) -> jax.Arra
   if w.ndim != 2 or tuple(xtx.shape) != (w.shape[0],) * 2:
     raise ValueError(f"xtx has shape {tuple(xtx.shape)}; expected ({w.shape[0]}, "
                      f"{w.shape[0]}) for w of shape {tuple(w.shape)}")
-  delta = w.astype(jnp.float32) - dequantize(quantize(w, spec), jnp.float32)
-  hd = jnp.matmul(xtx.astype(jnp.float32), delta, precision=_HIGHEST)
-  return jnp.sum(delta * hd)
+  return output_error(w, dequantize(quantize(w, spec), jnp.float32), xtx)
 
 
 def storage_bits_per_weight(spec: QuantSpec, shape: Sequence[int]) -> float:
