@@ -26,20 +26,30 @@ Three bounds (the ``bound`` argument):
 
 Rounding is half to even (``jnp.round``) with a straight-through gradient, so
 ``d zhat / dz = bound'(z) / scale``. Math is float32; ``zhat`` has ``z``'s dtype.
+
+`fsq` can run the "reference" bound as the fused Pallas kernel
+(``jaxquant.kernels.fsq``, ``impl="auto"`` or ``"pallas"``) with the same
+straight-through gradient. The kernel takes its ``shift`` from ``tan`` in float64
+rounded once to float32, the XLA path from ``tan`` in float32; the two agree for
+the recommended levels but can differ by an ulp for others (L = 16), which can
+move a value lying on a rounding boundary. Hence ``impl="xla"`` stays the default.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxquant.kernels import _common as kernels_common
+from jaxquant.kernels.fsq import fsq_quantize
 from jaxquant.vq import _common
 
 BOUNDS = ("reference", "atanh", "symmetric")
+_KERNEL_DTYPES = (jnp.float32, jnp.bfloat16)
 _EPS = 1e-3
 _MAX_CODES = 2**31  # indices 0 .. 2**31 - 1 fit int32
 
@@ -107,8 +117,8 @@ def fsq_bound(z: jax.Array, levels: Sequence[int], *, bound: str = "reference"
   return jnp.tanh(z.astype(jnp.float32) + shift) * half_l - offset
 
 
-def fsq(z: jax.Array, levels: Sequence[int], *, bound: str = "reference"
-        ) -> tuple[jax.Array, jax.Array]:
+def fsq(z: jax.Array, levels: Sequence[int], *, bound: str = "reference",
+        impl: str = "xla", interpret: Any = False) -> tuple[jax.Array, jax.Array]:
   """Quantizes each channel of `z` to its FSQ grid; returns ``(zhat, indices)``.
 
   Args:
@@ -116,12 +126,20 @@ def fsq(z: jax.Array, levels: Sequence[int], *, bound: str = "reference"
     levels: d ints >= 2, the number of values per channel.
     bound: "reference" (paper code, default), "atanh" or "symmetric"; see the
       module docstring.
+    impl: "xla" (default, the code below), "auto" or "pallas". Where the kernel
+      applies (bound "reference", z float32/bfloat16) these call
+      ``jaxquant.kernels.fsq.fsq_quantize``: "auto" runs its Pallas kernel on
+      TPU and CUDA GPUs and its XLA reference elsewhere, "pallas" the kernel
+      (on a CPU only with `interpret`). Elsewhere "auto" is "xla".
+    interpret: True or ``pltpu.InterpretParams()`` runs the kernel in the
+      Pallas interpreter (tests on CPU).
   Returns:
     zhat: [..., d] of z's dtype, values on the grid in [-1, 1]; its gradient is
       straight-through rounding: ``d zhat/dz = bound'(z) / scale``.
     indices: int32[...], in ``[0, prod(levels))``.
   Raises:
-    ValueError: bad `levels`, ``len(levels) != d``, or an unknown `bound`.
+    ValueError: bad `levels`, ``len(levels) != d``, an unknown `bound` or
+      `impl`, or ``impl="pallas"`` with another bound or dtype than the kernel's.
 
   Example:
     >>> zhat, idx = fsq(jnp.zeros((2, 3)), (8, 5, 5))
@@ -130,7 +148,19 @@ def fsq(z: jax.Array, levels: Sequence[int], *, bound: str = "reference"
   """
   z = _common.check_float("z", z)
   levels = check_levels(levels, z.shape[-1])
+  _common.check_choice("impl", impl, kernels_common.IMPLS)
   _, offset, _, scale = _grid(levels, bound, z.ndim)
+  kernel_applies = bound == "reference" and z.dtype in _KERNEL_DTYPES
+  if impl == "pallas" and not kernel_applies:
+    raise ValueError(f"impl='pallas' runs bound='reference' on float32/bfloat16 z; got "
+                     f"bound={bound!r} and z of dtype {z.dtype}; use impl='auto' or 'xla'")
+  if impl != "xla" and kernel_applies:
+    rows = jax.lax.stop_gradient(z).reshape(-1, z.shape[-1])
+    zhat_rows, indices = fsq_quantize(rows, levels, impl=impl, interpret=interpret)
+    # The kernel has no gradient: the straight-through one is that of bound(z) / scale.
+    zhat = _common.straight_through(fsq_bound(z, levels, bound=bound) / scale,
+                                    zhat_rows.reshape(z.shape))
+    return zhat.astype(z.dtype), indices.reshape(z.shape[:-1])
   code_offset = offset if bound == "symmetric" else jnp.zeros_like(offset)
   rounded = _common.round_ste(fsq_bound(z, levels, bound=bound))
   zhat = (rounded + code_offset) / scale
