@@ -139,6 +139,18 @@ def test_smoothquant_fold_preserves_layernorm_dense_outputs(layer):
                              rtol=1e-12, atol=1e-9)
 
 
+def test_smoothquant_one_call_equals_scales_then_apply(layer):
+  x, w, stats = layer
+  smoothed, s = jq.ptq.smoothquant(w, stats.absmax, alpha=0.7)
+  np.testing.assert_array_equal(s, jq.ptq.smoothquant_scales(stats.absmax, w, alpha=0.7))
+  np.testing.assert_array_equal(smoothed, jq.ptq.apply_input_scales(w, s))
+  pair, s_pair = jq.ptq.smoothquant([w, 2 * w], stats.absmax, alpha=0.7)
+  np.testing.assert_array_equal(
+      s_pair, jq.ptq.smoothquant_scales(stats.absmax, [w, 2 * w], alpha=0.7))
+  np.testing.assert_allclose((x / np.asarray(s_pair)) @ np.asarray(pair[1]), x @ (2 * w),
+                             rtol=1e-4, atol=1e-3)
+
+
 def test_awq_folded_into_layernorm_equals_explicit_scales(layer):
   x, _, _ = layer
   model = NormDense()

@@ -43,4 +43,5 @@ from jaxquant.ptq.rotation import rotate_output
 from jaxquant.ptq.smoothquant import apply_input_scales
 from jaxquant.ptq.smoothquant import fold_scales_into_layernorm
 from jaxquant.ptq.smoothquant import fold_scales_into_linear
+from jaxquant.ptq.smoothquant import smoothquant
 from jaxquant.ptq.smoothquant import smoothquant_scales

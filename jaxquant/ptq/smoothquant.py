@@ -131,3 +131,26 @@ def smoothquant_scales(act_absmax: jax.Array, w: Union[jax.Array, Sequence[jax.A
   if not kernels:
     raise ValueError("w is empty; pass at least one kernel")
   return _smoothquant_scales(act_absmax, kernels, jnp.float32(alpha))
+
+
+def smoothquant(w: Union[jax.Array, Sequence[jax.Array]], act_absmax: jax.Array,
+                alpha: float = 0.5):
+  """SmoothQuant in one call: the smoothed kernel(s) and the scales to fold upstream.
+
+  Args:
+    w: float[in, out] kernel, or a sequence of kernels sharing the input.
+    act_absmax: float32[in], ``max |x_j|`` (`LayerStats.absmax`).
+    alpha: migration strength in [0, 1].
+  Returns:
+    ``(smoothed, s)``: ``diag(s) w`` (a list when `w` is a sequence) and
+    float32[in] `s`; divide the input by `s` with `fold_scales_into_layernorm`,
+    `fold_scales_into_linear`, or explicitly, and the float model is unchanged.
+
+  Example:
+    >>> (wq, wk, wv), s = jq.ptq.smoothquant([wq, wk, wv], stats["q"].absmax)
+    >>> ln_scale, ln_bias = jq.ptq.fold_scales_into_layernorm(ln_scale, ln_bias, s)
+  """
+  s = smoothquant_scales(act_absmax, w, alpha)
+  if hasattr(w, "ndim"):
+    return apply_input_scales(w, s), s
+  return [apply_input_scales(kernel, s) for kernel in w], s
