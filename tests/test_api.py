@@ -18,6 +18,28 @@ def test_contract_names_exist():
   assert not missing
 
 
+ISSUE_NAMES = {
+    "vq": ["fsq", "fsq_indices_to_codes", "nearest_code", "FSQ", "ResidualFSQ",
+           "VectorQuantizer", "ResidualVQ", "LFQ", "BSQ", "VQOutput", "codebook_usage"],
+    "vq.linen": ["FSQ", "ResidualFSQ", "VectorQuantizer", "ResidualVQ", "LFQ", "BSQ"],
+    "ptq": ["capture_linen", "capture_nnx", "gptq", "awq", "smoothquant", "random_hadamard",
+            "hadamard_transform", "cross_layer_equalize", "bias_correction", "hqq",
+            "allocate_bits", "lora_apply", "lq_lora_init", "quantize_params"],
+    "optim": ["adam_8bit", "adamw_8bit", "lion_8bit", "sgd_8bit", "ademamix_8bit",
+              "adamw_4bit", "scale_by_adam_8bit"],
+}
+
+
+def test_the_names_the_issues_promise_exist():
+  missing = []
+  for where, names in ISSUE_NAMES.items():
+    module = jq
+    for part in where.split("."):
+      module = getattr(module, part)
+    missing += [f"{where}.{name}" for name in names if not hasattr(module, name)]
+  assert not missing
+
+
 def test_format_attributes():
   fmt = jq.get_format("int4")
   assert (fmt.name, fmt.bits, fmt.max) == ("int4", 4, 7.0)
