@@ -62,3 +62,17 @@ def pad_to(x: jax.Array, multiples: tuple[int, ...]) -> jax.Array:
   if not any(hi for _, hi in widths):
     return x
   return jnp.pad(x, widths)
+
+
+
+def out_struct(shape: tuple[int, ...], dtype, *operands: jax.Array) -> jax.ShapeDtypeStruct:
+  """`jax.ShapeDtypeStruct` of a kernel output computed from `operands`.
+
+  Inside `jax.shard_map` (default ``check_vma=True``) `pl.pallas_call` must be told
+  over which manual mesh axes its outputs vary: every axis any operand varies
+  over. Outside shard_map that set is empty.
+  """
+  mats = [jax.typeof(x).mat for x in operands]
+  varying = frozenset().union(*(m.varying for m in mats))
+  mat = mats[0] if varying == mats[0].varying else mats[0].update(varying=varying)
+  return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=mat)

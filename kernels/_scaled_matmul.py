@@ -19,7 +19,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
-from jaxquant.kernels._common import pad_to
+from jaxquant.kernels._common import out_struct, pad_to
 
 # epilogue(acc, x_scale [bm, 1], w_scale [1, bn]) -> float32 [bm, bn]
 Epilogue = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
@@ -70,7 +70,7 @@ def scaled_matmul_tpu(x: jax.Array, x_scale: jax.Array, w: jax.Array,
   (mp, kp), np_ = x.shape, w.shape[1]
   out = pl.pallas_call(
       functools.partial(_tpu_kernel, epilogue=epilogue),
-      out_shape=jax.ShapeDtypeStruct((mp, np_), out_dtype),
+      out_shape=out_struct((mp, np_), out_dtype, x, w),
       grid=(mp // bm, np_ // bn, kp // bk),
       in_specs=[
           pl.BlockSpec((bm, bk), lambda i, j, kk: (i, kk)),
@@ -120,7 +120,7 @@ def scaled_matmul_gpu(x: jax.Array, x_scale: jax.Array, w: jax.Array,
   out = pl.pallas_call(
       functools.partial(_gpu_kernel, block_k=bk, acc_dtype=acc_dtype,
                         epilogue=epilogue),
-      out_shape=jax.ShapeDtypeStruct((mp, np_), out_dtype),
+      out_shape=out_struct((mp, np_), out_dtype, x, w),
       grid=(mp // bm, np_ // bn),
       in_specs=[
           pl.BlockSpec((bm, kp), lambda i, j: (i, 0)),

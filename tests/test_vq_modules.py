@@ -117,6 +117,23 @@ def test_fsq_auto_lowers_to_the_kernel_for_tpu():
   assert "tpu_custom_call" in exported.mlir_module()  # lowering only: not run on a TPU
 
 
+@pytest.mark.parametrize("platform,own", [("tpu", "tpu_custom_call"),
+                                          ("cuda", "__gpu$xla.gpu.triton")])
+def test_vector_quantizer_step_lowers_to_the_nearest_code_kernel(platform, own):
+  quantizer = vq.VectorQuantizer(64, 16, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(quantizer)
+  z = normal(9, (4, 32, 16))
+
+  def step(state, z):
+    out = nnx.merge(graphdef, state)(z, train=True)
+    return jax.grad(lambda z: jnp.sum(nnx.merge(graphdef, state)(z).quantized))(z), out
+
+  checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+  exported = jax.export.export(jax.jit(step), platforms=[platform],
+                               disabled_checks=checks)(state, z)
+  assert own in exported.mlir_module()  # lowering only: not run on a device
+
+
 def test_fsq_auto_is_the_xla_path_on_cpu_or_where_the_kernel_does_not_apply():
   z = normal(8, (16, 3), 2.0)
   run = jax.jit(lambda z: [(vq.fsq(z, (8, 6, 5), bound=b, impl="auto"),

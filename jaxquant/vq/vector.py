@@ -161,8 +161,9 @@ def vector_quantize(z: jax.Array, codebook: jax.Array, *, metric: str = "l2",
     gradient: "ste" (straight-through) or "rotation" (the rotation trick).
     commitment_weight: beta of ``losses["commitment"]``.
     nearest: ``nearest(z: float32[N, D], codebook: float32[K, D], *, metric)
-      -> int[N]``, e.g. ``jaxquant.kernels.nearest_code.nearest_code``; the
-      default is `nearest_code_xla`. It gets z flattened to rows, and
+      -> int[N]``; the default is `nearest_code` with ``impl="auto"`` (the
+      Pallas kernel on TPU and GPU, `nearest_code_xla` elsewhere, chosen at
+      lowering time). It gets z flattened to rows, and
       stop-gradient (normalized, for cosine) inputs.
   Returns:
     zq: float32[..., D], equal to the selected (normalized, for cosine) codes.
@@ -185,7 +186,7 @@ def vector_quantize(z: jax.Array, codebook: jax.Array, *, metric: str = "l2",
   codebook = codebook.astype(jnp.float32)
   if metric == "cosine":
     z, codebook = l2_normalize(z), l2_normalize(codebook)
-  search = nearest_code_xla if nearest is None else nearest
+  search = nearest_code if nearest is None else nearest
   rows = jax.lax.stop_gradient(z).reshape(-1, z.shape[-1])
   indices = search(rows, jax.lax.stop_gradient(codebook), metric=metric)
   indices = indices.astype(jnp.int32).reshape(z.shape[:-1])

@@ -18,7 +18,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from jaxquant.kernels._common import pad_to
+from jaxquant.kernels._common import out_struct, pad_to
 from jaxquant.kernels.fsq.reference import (FsqConstants, fsq_constants, fsq_values,
                                             round_half_to_even)
 
@@ -74,8 +74,8 @@ def fsq_quantize_gpu(z: jax.Array, levels: tuple[int, ...], *,
   row = pl.BlockSpec((1, dp), lambda i: (0, 0))
   zhat, idx = pl.pallas_call(
       _kernel,
-      out_shape=(jax.ShapeDtypeStruct((np_, dp), jnp.float32),
-                 jax.ShapeDtypeStruct((np_,), jnp.int32)),
+      out_shape=(out_struct((np_, dp), jnp.float32, z),
+                 out_struct((np_,), jnp.int32, z)),
       grid=(np_ // bn,),
       in_specs=[pl.BlockSpec((bn, dp), lambda i: (i, 0))] + [row] * len(consts),
       out_specs=(pl.BlockSpec((bn, dp), lambda i: (i, 0)),

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from jaxquant.kernels._common import pad_to, round_up
+from jaxquant.kernels._common import out_struct, pad_to, round_up
 from jaxquant.kernels.fsq.reference import (FsqConstants, fsq_constants, fsq_values,
                                             round_half_to_even)
 
@@ -58,8 +58,8 @@ def fsq_quantize_tpu(z: jax.Array, levels: tuple[int, ...], *,
   row = pl.BlockSpec((1, d), lambda i: (0, 0))
   zhat, idx = pl.pallas_call(
       _kernel,
-      out_shape=(jax.ShapeDtypeStruct((np_, d), jnp.float32),
-                 jax.ShapeDtypeStruct((np_, 1), jnp.int32)),
+      out_shape=(out_struct((np_, d), jnp.float32, z),
+                 out_struct((np_, 1), jnp.int32, z)),
       grid=(np_ // bn,),
       in_specs=[pl.BlockSpec((bn, d), lambda i: (i, 0))] + [row] * len(consts),
       out_specs=(pl.BlockSpec((bn, d), lambda i: (i, 0)),

@@ -22,7 +22,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from jaxquant.kernels._common import pad_to
+from jaxquant.kernels._common import out_struct, pad_to
 from jaxquant.kernels.nearest_code.reference import code_terms, distances, dot_precision
 
 _NO_CODE = int(np.iinfo(np.int32).max)
@@ -94,7 +94,7 @@ def nearest_code_gpu(z: jax.Array, codebook: jax.Array, *, metric: str = "l2",
   out = pl.pallas_call(
       functools.partial(_kernel, metric=metric, num_codes=k, block_k=bk,
                         precision=dot_precision(z.dtype)),
-      out_shape=jax.ShapeDtypeStruct((np_,), jnp.int32),
+      out_shape=out_struct((np_,), jnp.int32, z, codebook_t),
       grid=(np_ // bn,),
       in_specs=[
           pl.BlockSpec((bn, dp), lambda i: (i, 0)),

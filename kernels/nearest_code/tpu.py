@@ -23,7 +23,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from jaxquant.kernels._common import pad_to, round_up
+from jaxquant.kernels._common import out_struct, pad_to, round_up
 from jaxquant.kernels.nearest_code.reference import code_terms, distances, dot_precision
 
 _NO_CODE = int(np.iinfo(np.int32).max)
@@ -96,7 +96,7 @@ def nearest_code_tpu(z: jax.Array, codebook: jax.Array, *, metric: str = "l2",
   out = pl.pallas_call(
       functools.partial(_kernel, metric=metric, num_codes=k,
                         precision=dot_precision(z.dtype)),
-      out_shape=jax.ShapeDtypeStruct((1, np_), jnp.int32),
+      out_shape=out_struct((1, np_), jnp.int32, z, codebook),
       grid=(np_ // bn, kp // bk),
       in_specs=[
           pl.BlockSpec((bk, dp), lambda i, j: (j, 0)),

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from jaxquant.kernels._common import out_struct
 from jaxquant.kernels.weight_only_matmul.reference import (PACKED_FORMATS, decode_codes,
                                                            pad_operands)
 
@@ -77,7 +78,7 @@ def weight_only_matmul_gpu(x: jax.Array, w_codes: jax.Array, w_scale: jax.Array,
   out = pl.pallas_call(
       functools.partial(_kernel, fmt=fmt, segments=2 if fmt in PACKED_FORMATS else 1,
                         block_k=block_k, group=group),
-      out_shape=jax.ShapeDtypeStruct((x_p.shape[0], codes.shape[1]), out_dtype or x.dtype),
+      out_shape=out_struct((x_p.shape[0], codes.shape[1]), out_dtype or x.dtype, x_p, codes),
       grid=(x_p.shape[0] // block_m, codes.shape[1] // block_n),
       in_specs=[pl.BlockSpec((block_m, x_p.shape[1]), lambda i, j: (i, 0)),
                 pl.BlockSpec((codes.shape[0], block_n), lambda i, j: (0, j)),

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from jaxquant.kernels._common import round_up
+from jaxquant.kernels._common import out_struct, round_up
 from jaxquant.kernels.weight_only_matmul.reference import (PACKED_FORMATS, decode_codes,
                                                            pad_operands)
 
@@ -89,7 +89,7 @@ def weight_only_matmul_tpu(x: jax.Array, w_codes: jax.Array, w_scale: jax.Array,
 
   out = pl.pallas_call(
       functools.partial(_kernel, fmt=fmt, segments=segments),
-      out_shape=jax.ShapeDtypeStruct((x_p.shape[0], codes.shape[1]), out_dtype or x.dtype),
+      out_shape=out_struct((x_p.shape[0], codes.shape[1]), out_dtype or x.dtype, x_p, codes),
       grid=(x_p.shape[0] // block_m, codes.shape[1] // block_n, steps),
       in_specs=([x_spec(s) for s in range(segments)]
                 + [pl.BlockSpec((block_k, block_n), lambda i, j, k: (k, j))]

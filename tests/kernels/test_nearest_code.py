@@ -186,3 +186,4 @@ def test_pallas_without_interpret_on_cpu_raises():
   z, codebook, _ = _operands(5, 20, 8)
   with pytest.raises(ValueError, match=r"impl='pallas' needs a TPU or GPU"):
     nearest_code(z, codebook, impl="pallas")
+
