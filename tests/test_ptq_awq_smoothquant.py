@@ -7,27 +7,17 @@ import numpy as np
 import pytest
 
 import jaxquant as jq
+from ptq_layers import N_IN, N_OUT, outlier_layer
 import jaxquant.ptq  # noqa: F401  (registers jq.ptq)
 
-N_IN, N_OUT, TOKENS = 64, 32, 512
 INT4 = jq.QuantSpec("int4", channel_axes=(1,))
 INT3_G32 = jq.QuantSpec("int3", channel_axes=(1,), block_sizes={0: 32})
 
 
-def outlier_inputs(seed: int) -> np.ndarray:
-  """float32[TOKENS, N_IN]: low-rank mixing plus noise, 3 channels 20-50x larger."""
-  rng = np.random.default_rng(seed)
-  x = rng.normal(size=(TOKENS, 8)) @ rng.normal(size=(8, N_IN))
-  x = x + 0.1 * rng.normal(size=(TOKENS, N_IN))
-  x[:, [3, 17, 40]] *= np.array([20.0, 35.0, 50.0])
-  return x.astype(np.float32)
-
 
 @pytest.fixture(scope="module")
 def layer():
-  x = outlier_inputs(0)
-  w = np.random.default_rng(1).normal(size=(N_IN, N_OUT)).astype(np.float32)
-  return x, jnp.asarray(w), jq.ptq.LayerStats.from_inputs(jnp.asarray(x))
+  return outlier_layer()
 
 
 def error(stats, w, w_hat) -> float:

@@ -8,29 +8,19 @@ import numpy as np
 import pytest
 
 import jaxquant as jq
+from ptq_layers import outlier_inputs, outlier_layer
 import jaxquant.ptq  # noqa: F401  (registers jq.ptq)
 
-N_IN, N_OUT, TOKENS = 64, 32, 512
 INT4_G32 = jq.QuantSpec("int4", channel_axes=(1,), block_sizes={0: 32})
 ASYM_G16 = jq.QuantSpec("int4", channel_axes=(1,), block_sizes={0: 16}, symmetric=False)
 gptq_under_jit = jax.jit(jq.ptq.gptq, static_argnames=("spec", "block_size", "act_order",
                                                        "static_groups"))
 
 
-def outlier_inputs(seed: int, tokens: int = TOKENS) -> np.ndarray:
-  """float32[tokens, N_IN]: a random low-rank mixing plus noise, 3 channels 20-50x larger."""
-  rng = np.random.default_rng(seed)
-  mixing = rng.normal(size=(8, N_IN))
-  x = rng.normal(size=(tokens, 8)) @ mixing + 0.1 * rng.normal(size=(tokens, N_IN))
-  x[:, [3, 17, 40]] *= np.array([20.0, 35.0, 50.0])
-  return x.astype(np.float32)
-
 
 @pytest.fixture(scope="module")
 def layer():
-  x = outlier_inputs(0)
-  w = np.random.default_rng(1).normal(size=(N_IN, N_OUT)).astype(np.float32)
-  return x, jnp.asarray(w), jq.ptq.LayerStats.from_inputs(jnp.asarray(x))
+  return outlier_layer()
 
 
 def activation_error(x, w, w_hat) -> float:
