@@ -3,18 +3,24 @@
   jaxquant quantize [--recipe NAME_OR_PATH] [--checkpoint DIR] [--out DIR] [--seed N]
   jaxquant recipes      # the shipped recipes and what they do
   jaxquant formats      # the number formats, with bits and largest value
+  jaxquant tokenizer train --config NAME_OR_PATH [--steps N] [--out DIR]
 
 ``jaxquant quantize`` with no arguments quantizes the built-in demo model (an MLP
 classifier of scikit-learn's digits images, trained and cached on first use) with
 the default recipe (int8), prints the per-leaf report and the test accuracy before
 and after, and writes the quantized checkpoint to ``./jaxquant_out/<recipe>``.
 ``--checkpoint DIR`` quantizes float params saved with `jaxquant.checkpoint.save`
-instead. Errors print one line to stderr and exit with status 2.
+instead. ``jaxquant tokenizer train`` trains a small VQ/FSQ image tokenizer on
+scikit-learn's sample photographs or digits (see `jaxquant.tokenizer`), prints
+its holdout PSNR and codebook usage, and writes ``summary.json`` and
+``tokenizer.png`` to ``./jaxquant_out/tokenizer_<name>``. Errors print one line
+to stderr and exit with status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import pathlib
 import sys
 import textwrap
@@ -65,6 +71,27 @@ def _build_parser() -> argparse.ArgumentParser:
       run=_recipes_command)
   commands.add_parser("formats", help="list the number formats").set_defaults(
       run=_formats_command)
+
+  tokenizer = commands.add_parser(
+      "tokenizer", help="train a VQ/FSQ image tokenizer on offline images",
+      description="Train a small VQ/FSQ image tokenizer (jaxquant.tokenizer).")
+  tokenizer_commands = tokenizer.add_subparsers(dest="tokenizer_command", required=True,
+                                                metavar="COMMAND")
+  train = tokenizer_commands.add_parser(
+      "train", help="train and evaluate a tokenizer config",
+      description="Train a tokenizer config, print its holdout PSNR and codebook usage, "
+      "and write summary.json and tokenizer.png.")
+  train.add_argument(
+      "--config", required=True, metavar="NAME_OR_PATH",
+      help="a shipped config (one of: " + ", ".join(_tokenizer_configs()) + ") or a "
+      ".toml file (the format is described in jaxquant/tokenizer.py)")
+  train.add_argument("--steps", type=int, metavar="N",
+                     help="training steps (default: the config's)")
+  train.add_argument(
+      "--out", type=pathlib.Path, metavar="DIR",
+      help="where to write summary.json and tokenizer.png (default: "
+      "./jaxquant_out/tokenizer_<config name>)")
+  train.set_defaults(run=_tokenizer_train_command)
   return parser
 
 
@@ -197,6 +224,36 @@ def _formats_command(args: argparse.Namespace) -> int:
   for row in rows:
     print(f"{row[0]:<{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]:>{widths[2]}}  "
           f"{row[3]:>{widths[3]}}")
+  return EXIT_OK
+
+
+# ----------------------------------------------------------------------------
+# jaxquant tokenizer train
+
+
+def _tokenizer_configs() -> list[str]:
+  from jaxquant import tokenizer  # pylint: disable=g-import-not-at-top
+  return tokenizer.list_configs()
+
+
+def _tokenizer_train_command(args: argparse.Namespace) -> int:
+  from jaxquant import tokenizer  # pylint: disable=g-import-not-at-top
+  config = tokenizer.load_config(args.config)
+  if args.steps is not None:
+    if args.steps < 1:
+      raise CommandError(f"--steps {args.steps}: expected a positive number of steps")
+    config = dataclasses.replace(config, train=dataclasses.replace(
+        config.train, steps=args.steps))
+  out = args.out if args.out is not None else (
+      pathlib.Path("jaxquant_out") / f"{tokenizer.CONFIG_PREFIX}{config.name}")
+  quantizer = config.quantizer
+  what = (f"FSQ levels {list(quantizer.levels)}" if quantizer.kind == "fsq" else
+          f"VQ {quantizer.num_codes} codes ({quantizer.codebook_learning} codebook)")
+  print(f"Tokenizer {config.name}: {what} on {config.data.dataset}, "
+        f"{config.train.steps} steps")
+  summary, _ = tokenizer.run(config, out)
+  print(tokenizer.describe(summary))
+  print(f"Wrote {out / tokenizer.SUMMARY_FILE} and {out / tokenizer.PLOT_FILE}")
   return EXIT_OK
 
 

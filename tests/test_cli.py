@@ -177,3 +177,13 @@ def test_missing_scikit_learn_says_how_to_install_it(monkeypatch, tmp_path, caps
   finally:
     demo.load_digits_split.cache_clear()
   assert "pip install 'jaxquant[demo]'" in _error_line(capsys)
+
+
+def test_tokenizer_command_is_listed_with_its_configs(capsys):
+  assert cli.main(["--help"]) == 0
+  assert re.search(r"tokenizer\s+train a VQ/FSQ image tokenizer", capsys.readouterr().out)
+  assert cli.main(["tokenizer", "train", "--help"]) == 0
+  usage = " ".join(capsys.readouterr().out.split())
+  assert "--config NAME_OR_PATH" in usage and "--steps N" in usage and "--out DIR" in usage
+  for name in ("fsq_1k", "fsq_16k", "vq_1k", "vq_16k", "vq_plain_1k"):
+    assert re.search(rf"\b{name}\b", usage)
