@@ -12,7 +12,9 @@ paper reports them: FSQ uses >= 95% of its codes, VQ with EMA + k-means init +
 dead-code replacement >= 80%; plain VQ (gradient-trained codebook, none of
 those) uses fewer, shown for contrast.
 
-  python examples/train_tokenizer.py                  # every shipped config
+  python examples/train_tokenizer.py                  # every shipped config, ~11 min
+                                                      # on 2 CPU cores (4 of them the
+                                                      # VQ lookups evaluating vq_16k)
   python examples/train_tokenizer.py --configs fsq_1k,vq_1k,vq_plain_1k
   python examples/train_tokenizer.py --steps 200      # a quick look (targets missed)
 
@@ -121,7 +123,8 @@ def main(argv=None) -> list[dict]:
   for line in contrast_lines(summaries):
     print(line)
   print(f"Total {time.perf_counter() - start:.0f} s. Usage and perplexity count the tokens "
-        "of every patch at every token-grid offset (photos) or of every image (digits).")
+        "of every patch at every token-grid offset of the photos (and of their 8 flips and "
+        "rotations with dihedral = true), or of every digit image.")
   tokenizer.plot(runs, args.out / "tokenizers.png")
   (args.out / "summary.json").write_text(json.dumps(summaries, indent=1) + "\n")
   print(f"Wrote {args.out / 'tokenizers.png'} and {args.out / 'summary.json'}")

@@ -203,9 +203,18 @@ class QuantizerConfig:
   def __post_init__(self):
     if self.kind not in KINDS:
       raise _fail("kind", self.kind, f"one of {', '.join(map(repr, KINDS))}")
+    # A field the quantizer would ignore is an error, not a no-op.
     if self.kind == "fsq":
+      for field in dataclasses.fields(self):
+        if (field.name not in ("kind", "levels")
+            and getattr(self, field.name) != field.default):
+          raise ValueError(f'{field.name} is only for kind = "vq"')
       object.__setattr__(self, "levels", scalar_lib.check_levels(self.levels))
       return
+    if self.levels:
+      raise ValueError('levels is only for kind = "fsq"')
+    if self.codebook_learning == "gradient" and self.ema_decay != QuantizerConfig.ema_decay:
+      raise ValueError('ema_decay is only for codebook_learning = "ema"')
     if self.num_codes < 2:
       raise _fail("num_codes", self.num_codes, "at least 2 for kind='vq'")
     if self.codebook_dim is not None and self.codebook_dim < 1:
@@ -299,7 +308,6 @@ class TokenizerConfig:
 _SECTIONS = {"data": DataConfig, "model": ModelConfig, "quantizer": QuantizerConfig,
              "train": TrainConfig}
 _TOP_KEYS = ("name", "description", "min_usage", *_SECTIONS)
-_FSQ_KEYS = ("kind", "levels")
 _KINDS = {  # field annotation -> (TOML check, conversion, what the message expects)
     "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), int, "an integer"),
     "float": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), float,
@@ -336,23 +344,6 @@ def _section(cls, table: Any, where: str):
     raise ValueError(f"{where}{e}") from None
 
 
-def _check_unused_keys(where: str, table: dict[str, Any]) -> None:
-  """Keys a quantizer of the given kind would ignore are errors, not no-ops."""
-  kind = table.get("kind", QuantizerConfig.kind)
-  if kind not in KINDS:
-    return  # QuantizerConfig names the bad kind
-  if kind == "fsq":
-    unused = [key for key in table if key not in _FSQ_KEYS]
-    reason = "is only for kind = \"vq\""
-  else:
-    unused = ["levels"] if "levels" in table else []
-    reason = "is only for kind = \"fsq\""
-    if table.get("codebook_learning") == "gradient" and "ema_decay" in table:
-      unused, reason = ["ema_decay"], "is only for codebook_learning = \"ema\""
-  if unused:
-    raise ValueError(f"{where}{unused[0]} {reason}")
-
-
 def parse_config(data: dict[str, Any], source: str = "<dict>") -> TokenizerConfig:
   """A `TokenizerConfig` from parsed TOML (a dict: top-level keys and the sections).
 
@@ -377,8 +368,6 @@ def parse_config(data: dict[str, Any], source: str = "<dict>") -> TokenizerConfi
   for name, cls in _SECTIONS.items():
     if name not in data:
       raise ValueError(f"{where}missing the [{name}] table")
-    if name == "quantizer" and isinstance(data[name], dict):
-      _check_unused_keys(f"{where}[{name}] ", data[name])
     sections[name] = _section(cls, data[name], f"{where}[{name}] ")
   try:
     return TokenizerConfig(**top, **sections)

@@ -328,6 +328,19 @@ def numpy_ema(state, z, idx, decay, eps):
   return cs, es, es / smoothed[:, None]
 
 
+def test_ema_state_can_be_donated_to_a_jitted_step():
+  codebook = jax.random.normal(jax.random.key(0), (16, 4))
+  z = jax.random.normal(jax.random.key(1), (32, 4))
+  step = jax.jit(lambda state, z: jq.vq.ema_update(state, z, jq.vq.nearest_code(z, state.codebook),
+                                                   decay=0.9),
+                 donate_argnums=0)
+  want = jq.vq.ema_update(jq.vq.ema_init(codebook), z, jq.vq.nearest_code(z, codebook),
+                          decay=0.9)
+  got = step(jq.vq.ema_init(codebook), z)  # raised "donate the same buffer twice" before
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
 def test_ema_update_matches_numpy():
   codebook = normal(19, (16, 4))
   state = vq.ema_init(codebook)

@@ -33,8 +33,9 @@ def ema_init(codebook: jax.Array) -> EMACodebookState:
   codebook = jnp.asarray(codebook, jnp.float32)
   if codebook.ndim != 2:
     raise ValueError(f"codebook has shape {codebook.shape}; expected [K, D]")
+  # Two buffers, so the state can be donated to a jitted step.
   return EMACodebookState(cluster_size=jnp.ones(codebook.shape[:1], jnp.float32),
-                          embed_sum=codebook, codebook=codebook)
+                          embed_sum=codebook, codebook=jnp.array(codebook, copy=True))
 
 
 def _psum(x: jax.Array, axis_name: Optional[str]) -> jax.Array:
