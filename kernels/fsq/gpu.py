@@ -19,21 +19,14 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from jaxquant.kernels._common import out_struct, pad_to
-from jaxquant.kernels.fsq.reference import (FsqConstants, fsq_constants, fsq_values,
-                                            round_half_to_even)
+from jaxquant.kernels.fsq.reference import FsqConstants, fsq_block, fsq_constants
 
 
 def _pow2_at_least(n: int, floor: int = 1) -> int:
   return max(floor, 1 << (n - 1).bit_length())
 
 
-def _kernel(z_ref, shift_ref, half_l_ref, offset_ref, half_width_ref, basis_ref,
-            zhat_ref, idx_ref):
-  consts = FsqConstants(shift_ref[...], half_l_ref[...], offset_ref[...],
-                        half_width_ref[...], basis_ref[...])
-  zhat, terms = fsq_values(z_ref[...].astype(jnp.float32), consts, round_half_to_even)
-  zhat_ref[...] = zhat
-  idx_ref[...] = jnp.sum(terms, axis=1)
+_kernel = functools.partial(fsq_block, keepdims=False)
 
 
 def _padded_constants(levels: tuple[int, ...], width: int) -> list[np.ndarray]:

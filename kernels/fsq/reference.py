@@ -71,6 +71,18 @@ def fsq_values(z: jax.Array, consts, round_fn=jnp.round):
   return zhat, codes * consts.basis
 
 
+def fsq_block(z_ref, shift_ref, half_l_ref, offset_ref, half_width_ref, basis_ref,
+              zhat_ref, idx_ref, *, keepdims: bool):
+  """The body both kernels run on one block of rows: `fsq_values` with exact
+  round-half-to-even, the index summed over the row (kept as a [rows, 1] column
+  where the TPU layout wants one)."""
+  consts = FsqConstants(shift_ref[...], half_l_ref[...], offset_ref[...],
+                        half_width_ref[...], basis_ref[...])
+  zhat, terms = fsq_values(z_ref[...].astype(jnp.float32), consts, round_half_to_even)
+  zhat_ref[...] = zhat
+  idx_ref[...] = jnp.sum(terms, axis=1, keepdims=keepdims)
+
+
 @functools.partial(jax.jit, static_argnames=("levels",))
 def fsq_quantize_reference(z: jax.Array, levels: tuple[int, ...]):
   """FSQ of the rows of z: the paper's bound, round half to even, scale and index.

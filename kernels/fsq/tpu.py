@@ -17,17 +17,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from jaxquant.kernels._common import out_struct, pad_to, round_up
-from jaxquant.kernels.fsq.reference import (FsqConstants, fsq_constants, fsq_values,
-                                            round_half_to_even)
+from jaxquant.kernels.fsq.reference import fsq_block, fsq_constants
 
 
-def _kernel(z_ref, shift_ref, half_l_ref, offset_ref, half_width_ref, basis_ref,
-            zhat_ref, idx_ref):
-  consts = FsqConstants(shift_ref[...], half_l_ref[...], offset_ref[...],
-                        half_width_ref[...], basis_ref[...])
-  zhat, terms = fsq_values(z_ref[...].astype(jnp.float32), consts, round_half_to_even)
-  zhat_ref[...] = zhat
-  idx_ref[...] = jnp.sum(terms, axis=1, keepdims=True)
+_kernel = functools.partial(fsq_block, keepdims=True)
 
 
 @functools.partial(jax.jit, static_argnames=("levels", "block_n", "interpret"))
