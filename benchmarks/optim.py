@@ -4,8 +4,9 @@ For pytrees of 16M and 64M float32 parameters (Dense-like 2-D leaves), times one
 jitted `update` + `apply_updates` step (state and params donated, warm; the
 optimizers' steps interleave round by round and the ratio is the median of the
 per-round ratios, so load from other processes cancels) of `optax.adamw` and `jaxquant.optim.adamw_8bit` (and `adamw_4bit`),
-and prints the ratio to optax (target <= 1.5x) and the state bytes ratio (target
-<= 0.26x). When bitsandbytes and torch are importable, it also times
+and prints the ratio to optax (target <= 1.5x), the state bytes ratio (target
+<= 0.26x) and the compiled step's scratch (temporary buffers, from XLA's memory
+analysis). When bitsandbytes and torch are importable, it also times
 bitsandbytes' 8-bit Adam on the CPU on the same sizes (target: jaxquant faster).
 
   python benchmarks/optim.py [--sizes 16 64] [--repeats 5] [--json out.json]
@@ -54,6 +55,8 @@ class Stepper:
       self.params = jax.tree.map(jnp.copy, params)
       self.state = optimizer.init(self.params)
       self.nbytes = state_nbytes(self.state)
+      compiled = self._step.lower(self.params, self.state, grads).compile()
+      self.scratch_nbytes = compiled.memory_analysis().temp_size_in_bytes
       self.grads = grads
       self()  # compile and warm up
 
@@ -115,7 +118,7 @@ def main(argv=None) -> list[dict]:
   results = []
   print(f"{jax.devices()[0].platform} x{jax.device_count()}, jax {jax.__version__}")
   print(f"{'params':>8}  {'optimizer':<22} {'step ms':>9} {'vs optax':>9} "
-        f"{'state MB':>9} {'vs optax':>9}")
+        f"{'state MB':>9} {'vs optax':>9} {'scratch MB':>10}")
   for million in args.sizes:
     params = make_params(million)
     grads = jax.tree.map(lambda p: p * 0.01, params)
@@ -126,7 +129,8 @@ def main(argv=None) -> list[dict]:
       seconds, ratio = timings[name]
       row = dict(params_m=million, optimizer=name, step_ms=seconds * 1e3,
                  step_ratio=ratio, state_mb=stepper.nbytes / 2**20,
-                 state_ratio=stepper.nbytes / base_bytes)
+                 state_ratio=stepper.nbytes / base_bytes,
+                 scratch_mb=stepper.scratch_nbytes / 2**20)
       results.append(row)
       verdict = ""
       if name == "jq.optim.adamw_8bit":
@@ -135,7 +139,8 @@ def main(argv=None) -> list[dict]:
         verdict = (f"  time {'ok' if time_ok else 'MISS'} (<= {STEP_RATIO_TARGET}x), "
                    f"memory {'ok' if memory_ok else 'MISS'} (<= {MEMORY_RATIO_TARGET}x)")
       print(f"{million:>7}M  {name:<22} {row['step_ms']:9.1f} {row['step_ratio']:8.2f}x "
-            f"{row['state_mb']:9.1f} {row['state_ratio']:8.3f}x{verdict}")
+            f"{row['state_mb']:9.1f} {row['state_ratio']:8.3f}x {row['scratch_mb']:10.1f}"
+            f"{verdict}")
     del steppers
     bnb_time = time_bitsandbytes(params, args.repeats)
     if isinstance(bnb_time, float):

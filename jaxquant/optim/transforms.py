@@ -4,9 +4,9 @@ Each building block mirrors its optax twin (`optax.scale_by_adam`,
 `optax.scale_by_lion`, `optax.trace`) with the same hyperparameters and update
 rule; only the state differs: every moment leaf of at least `min_size` elements is
 a `QArray` (dynamic-tree 8-bit codes in blocks, a float32 absmax per block),
-dequantized, updated and requantized inside the step, so XLA fuses the three into
-one pass per leaf. Smaller leaves keep float32 state. The optimizers (`adamw_8bit`,
-...) chain a building block with optax's weight decay and learning rate exactly as
+dequantized, updated and requantized inside the step (`jaxquant.optim.state.step`)
+with no float32 copy of a moment stored. Smaller leaves keep float32 state. The
+optimizers (`adamw_8bit`, ...) chain a building block with optax's weight decay and learning rate exactly as
 optax's own aliases do. ``mu_dtype`` has no counterpart: the state format is set by
 the `StateQuantizer`.
 """
@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxquant.optim.state import StateQuantizer, is_state_leaf, load, store, view
+from jaxquant.optim.state import StateQuantizer, is_state_leaf, step
 
 ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
 
@@ -79,17 +79,17 @@ def scale_by_adam_8bit(
     correction2 = _bias_correction(b2, count)
     next_correction1 = _bias_correction(b1, optax.safe_increment(count))
 
+    def moments(g32, mu, nu):
+      return b1 * mu + (1 - b1) * g32, b2 * nu + (1 - b2) * g32 * g32
+
     def leaf(g, mu_leaf, nu_leaf):  # mu_leaf and nu_leaf share one blocked view
-      g32 = view(g, mu_leaf).astype(jnp.float32)
-      mu = b1 * load(mu_leaf) + (1 - b1) * g32
-      nu = b2 * load(nu_leaf) + (1 - b2) * g32 * g32
+      g32, _, (mu, nu), new_leaves = step(g, (mu_leaf, nu_leaf), moments)
       if nesterov:
         mu_hat = b1 * mu / next_correction1 + (1 - b1) * g32 / correction1
       else:
         mu_hat = mu / correction1
       update = mu_hat / (jnp.sqrt(nu / correction2 + eps_root) + eps)
-      return (update.reshape(g.shape).astype(g.dtype), store(mu, mu_leaf),
-              store(nu, nu_leaf))
+      return (update.reshape(g.shape).astype(g.dtype), *new_leaves)
 
     results = jax.tree.map(leaf, updates, state.mu, state.nu, is_leaf=is_state_leaf)
     new_updates, mu, nu = _unzip(updates, results, 3)
@@ -141,15 +141,15 @@ def scale_by_ademamix_8bit(
     correction1 = _bias_correction(b1, count)
     correction2 = _bias_correction(b2, count)
 
+    def moments(g32, m1, m2, nu):
+      return (b1 * m1 + (1 - b1) * g32, c_b3 * m2 + (1 - c_b3) * g32,
+              b2 * nu + (1 - b2) * g32 * g32)
+
     def leaf(g, m1_leaf, m2_leaf, nu_leaf):  # the three share one blocked view
-      g32 = view(g, m1_leaf).astype(jnp.float32)
-      m1 = b1 * load(m1_leaf) + (1 - b1) * g32
-      m2 = c_b3 * load(m2_leaf) + (1 - c_b3) * g32
-      nu = b2 * load(nu_leaf) + (1 - b2) * g32 * g32
+      _, _, (m1, m2, nu), new_leaves = step(g, (m1_leaf, m2_leaf, nu_leaf), moments)
       update = ((m1 / correction1 + c_alpha * m2) /
                 (jnp.sqrt(nu / correction2 + eps_root) + eps))
-      return (update.reshape(g.shape).astype(g.dtype), store(m1, m1_leaf),
-              store(m2, m2_leaf), store(nu, nu_leaf))
+      return (update.reshape(g.shape).astype(g.dtype), *new_leaves)
 
     results = jax.tree.map(leaf, updates, state.m1, state.m2, state.nu,
                            is_leaf=is_state_leaf)
@@ -185,12 +185,13 @@ def scale_by_lion_8bit(
   def update_fn(updates, state, params=None):
     del params
 
+    def moments(g32, mu):
+      return (b2 * mu + (1 - b2) * g32,)
+
     def leaf(g, mu_leaf):
-      g32 = view(g, mu_leaf).astype(jnp.float32)
-      mu = load(mu_leaf)
+      g32, (mu,), _, (new_leaf,) = step(g, (mu_leaf,), moments)
       update = jnp.sign(b1 * mu + (1 - b1) * g32)
-      mu = b2 * mu + (1 - b2) * g32
-      return update.reshape(g.shape).astype(g.dtype), store(mu, mu_leaf)
+      return update.reshape(g.shape).astype(g.dtype), new_leaf
 
     results = jax.tree.map(leaf, updates, state.mu, is_leaf=is_state_leaf)
     new_updates, mu = _unzip(updates, results, 2)
@@ -223,11 +224,13 @@ def trace_8bit(
   def update_fn(updates, state, params=None):
     del params
 
+    def moments(g32, trace):
+      return (g32 + decay * trace,)
+
     def leaf(g, trace_leaf):
-      g32 = view(g, trace_leaf).astype(jnp.float32)
-      trace = g32 + decay * load(trace_leaf)
+      g32, _, (trace,), (new_leaf,) = step(g, (trace_leaf,), moments)
       update = g32 + decay * trace if nesterov else trace
-      return update.reshape(g.shape).astype(g.dtype), store(trace, trace_leaf)
+      return update.reshape(g.shape).astype(g.dtype), new_leaf
 
     results = jax.tree.map(leaf, updates, state.trace, is_leaf=is_state_leaf)
     new_updates, trace = _unzip(updates, results, 2)
