@@ -10,11 +10,13 @@ analysis). When bitsandbytes and torch are importable, it also times
 bitsandbytes' 8-bit Adam on the CPU on the same sizes (target: jaxquant faster).
 
   python benchmarks/optim.py [--sizes 16 64] [--repeats 5] [--json out.json]
+                             [--casts-for-codecs]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 
@@ -24,6 +26,7 @@ import numpy as np
 import optax
 
 import jaxquant as jq
+from jaxquant import formats
 
 STEP_RATIO_TARGET = 1.5
 MEMORY_RATIO_TARGET = 0.26
@@ -81,6 +84,23 @@ def paired_times(steppers: dict, repeats: int) -> dict:
           for name, t in times.items()}
 
 
+@contextlib.contextmanager
+def casts_for_codecs():
+  """Traces with the state formats' encode/decode replaced by plain casts.
+
+  The step computes wrong values but keeps its structure (passes, fusions,
+  buffers), so its time is the floor that a free nearest-code search would reach
+  on this backend.
+  """
+  encode, decode = formats.encode, formats.decode
+  formats.encode = lambda fmt, y: (y * 100).astype(jnp.int32).astype(fmt.code_dtype)
+  formats.decode = lambda fmt, codes: codes.astype(jnp.float32)
+  try:
+    yield
+  finally:
+    formats.encode, formats.decode = encode, decode
+
+
 def time_bitsandbytes(params: dict, repeats: int) -> float | str:
   """Median seconds of bitsandbytes' 8-bit Adam step on CPU, or why it can't run."""
   try:
@@ -111,6 +131,9 @@ def main(argv=None) -> list[dict]:
                       help="parameter counts in units of 2^20")
   parser.add_argument("--repeats", type=int, default=7)
   parser.add_argument("--json", help="write the results to this file")
+  parser.add_argument("--casts-for-codecs", action="store_true",
+                      help="also time adamw_8bit with encode/decode replaced by casts "
+                           "(wrong values, same structure: the floor of the step)")
   args = parser.parse_args(argv)
   optimizers = {"optax.adamw": optax.adamw(1e-3),
                 "jq.optim.adamw_8bit": jq.optim.adamw_8bit(1e-3),
@@ -123,6 +146,9 @@ def main(argv=None) -> list[dict]:
     params = make_params(million)
     grads = jax.tree.map(lambda p: p * 0.01, params)
     steppers = {name: Stepper(opt, params, grads) for name, opt in optimizers.items()}
+    if args.casts_for_codecs:
+      with casts_for_codecs():
+        steppers["adamw_8bit, casts"] = Stepper(jq.optim.adamw_8bit(1e-3), params, grads)
     timings = paired_times(steppers, args.repeats)
     base_bytes = next(iter(steppers.values())).nbytes
     for name, stepper in steppers.items():
