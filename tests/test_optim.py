@@ -101,6 +101,22 @@ def test_a_step_stores_no_float32_moment(make):
   assert compiled.memory_analysis().temp_size_in_bytes <= 1.5 * state_bytes
 
 
+def test_step_lowers_for_gpu_and_tpu():
+  optimizer = jq.optim.adamw_8bit(1e-3)
+  params = {"w": jnp.ones((512, 256))}
+
+  def train_step(params, state, grads):
+    updates, state = optimizer.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  with jax.numpy_dtype_promotion("standard"):
+    state = optimizer.init(params)
+    exported = jax.export.export(jax.jit(train_step), platforms=["cuda", "tpu"])(
+        params, state, params)
+  assert exported.platforms == ("cuda", "tpu")
+  assert "custom_call" not in exported.mlir_module()  # plain XLA ops only
+
+
 @pytest.mark.parametrize("name", ["adamw", "adam", "lion", "sgd", "adamw_4bit", "ademamix"])
 def test_matches_the_optax_twin_within_quantization_error(name):
   ours, reference, tolerance = {
