@@ -461,6 +461,24 @@ def test_linen_vector_quantizer_is_a_twin_in_training():
   assert_equal(twin.bind(variables).codebook, model.codebook)
 
 
+@pytest.mark.parametrize("impl", ["rbg", "unsafe_rbg"])
+def test_restart_keys_of_any_prng_implementation(impl):
+  # The restart key is kept as raw key data; it must come back as a key of the
+  # implementation it was drawn from (rbg data is uint32[4], threefry's [2]).
+  z = clustered(33, 48, 6)
+  model = vq.VectorQuantizer(16, 6, rngs=nnx.Rngs(jax.random.key(3, impl=impl)),
+                             **TRAINING)
+  assert model.key.get_value().shape == jax.random.key_data(
+      jax.random.key(0, impl=impl)).shape
+  out = run_module(model, z, True)
+  assert bool(model.initialized.get_value())
+  assert mean_square(out.quantized - z) < 0.5 * mean_square(z)
+  twin = vql.VectorQuantizer(16, 6, **TRAINING)
+  variables = twin.init(jax.random.key(3, impl=impl), z)
+  _, updates = twin.apply(variables, z, train=True, mutable=["vq_stats"])
+  assert bool(updates["vq_stats"]["initialized"])
+
+
 def test_linen_residual_twins():
   z = normal(13, (2, 12, 6))
   model = vq.ResidualVQ(2, 8, 6, codebook_dim=3, ema_decay=0.9, rngs=nnx.Rngs(11))

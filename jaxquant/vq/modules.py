@@ -393,7 +393,21 @@ class CodebookVars(NamedTuple):
   cluster_size: Optional[jax.Array]  # float32[K], EMA only
   embed_sum: Optional[jax.Array]  # float32[K, C], EMA only
   initialized: Optional[jax.Array]  # bool[], kmeans_init only
-  key: Optional[jax.Array]  # uint32[2] key data, with k-means or dead codes
+  key: Optional[jax.Array]  # uint32[2] or [4] key data, with k-means or dead codes
+
+
+# Raw key data (what checkpoints and Flax collections hold) -> the PRNG it came
+# from, told apart by its size. unsafe_rbg data, also uint32[4], continues as rbg.
+_IMPL_OF_KEY_SIZE = {2: "threefry2x32", 4: "rbg"}
+
+
+def _wrap_key(data: jax.Array) -> jax.Array:
+  """The typed PRNG key whose raw data is `data` (uint32[2] or uint32[4])."""
+  impl = _IMPL_OF_KEY_SIZE.get(data.shape[-1]) if data.ndim == 1 else None
+  if impl is None:
+    raise ValueError(f"restart key data of shape {data.shape}: expected uint32[2] "
+                     "(threefry2x32) or uint32[4] (rbg, unsafe_rbg)")
+  return jax.random.wrap_key_data(data, impl=impl)
 
 
 _ATTRS = {"codebook": "embedding"}  # CodebookVars field -> module attribute
@@ -475,7 +489,7 @@ def codebook_step(config: CodebookConfig, state: CodebookVars, x: jax.Array, *,
   new = state
   keys = None
   if train and state.key is not None:
-    key, *keys = jax.random.split(jax.random.wrap_key_data(state.key), 4)
+    key, *keys = jax.random.split(_wrap_key(state.key), 4)
     new = new._replace(key=jax.random.key_data(key))
   if train and config.kmeans_init:
     new = _kmeans_once(config, new, x, keys[0])
