@@ -3,8 +3,8 @@
 For pytrees of 16M and 64M float32 parameters (Dense-like 2-D leaves), times one
 jitted `update` + `apply_updates` step (state and params donated, warm; the
 optimizers' steps interleave round by round and the ratio is the median of the
-per-round ratios, so load from other processes cancels) of `optax.adamw` and `jaxquant.optim.adamw_8bit` (and `adamw_4bit`),
-and prints the ratio to optax (target <= 1.5x), the state bytes ratio (target
+per-round ratios, so load from other processes cancels) of `optax.adamw` and
+`jaxquant.optim.adamw_8bit` (and `adamw_4bit`), and prints the ratio to optax (target <= 1.5x), the state bytes ratio (target
 <= 0.26x) and the compiled step's scratch (temporary buffers, from XLA's memory
 analysis). When bitsandbytes and torch are importable, it also times
 bitsandbytes' 8-bit Adam on the CPU on the same sizes (target: jaxquant faster).

@@ -6,9 +6,9 @@ rule; only the state differs: every moment leaf of at least `min_size` elements 
 a `QArray` (dynamic-tree 8-bit codes in blocks, a float32 absmax per block),
 dequantized, updated and requantized inside the step (`jaxquant.optim.state.step`)
 with no float32 copy of a moment stored. Smaller leaves keep float32 state. The
-optimizers (`adamw_8bit`, ...) chain a building block with optax's weight decay and learning rate exactly as
-optax's own aliases do. ``mu_dtype`` has no counterpart: the state format is set by
-the `StateQuantizer`.
+optimizers (`adamw_8bit`, ...) chain a building block with optax's weight decay
+and learning rate exactly as optax's own aliases do. ``mu_dtype`` has no
+counterpart: the state format is set by the `StateQuantizer`.
 """
 
 from __future__ import annotations
