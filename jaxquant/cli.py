@@ -12,8 +12,9 @@ and after, and writes the quantized checkpoint to ``./jaxquant_out/<recipe>``.
 ``--checkpoint DIR`` quantizes float params saved with `jaxquant.checkpoint.save`
 instead. ``jaxquant tokenizer train`` trains a small VQ/FSQ image tokenizer on
 scikit-learn's sample photographs or digits (see `jaxquant.tokenizer`), prints
-its holdout PSNR and codebook usage, and writes ``summary.json`` and
-``tokenizer.png`` to ``./jaxquant_out/tokenizer_<name>``. Errors print one line
+its holdout PSNR and codebook usage, and writes ``summary.json``,
+``tokenizer.png`` and the trained model (``jaxquant.tokenizer.load`` reads it) to
+``./jaxquant_out/tokenizer_<name>``. Errors print one line
 to stderr and exit with status 2.
 """
 
@@ -80,7 +81,7 @@ def _build_parser() -> argparse.ArgumentParser:
   train = tokenizer_commands.add_parser(
       "train", help="train and evaluate a tokenizer config",
       description="Train a tokenizer config, print its holdout PSNR and codebook usage, "
-      "and write summary.json and tokenizer.png.")
+      "and write summary.json, tokenizer.png and the trained model.")
   train.add_argument(
       "--config", required=True, metavar="NAME_OR_PATH",
       help="a shipped config (one of: " + ", ".join(_tokenizer_configs()) + ") or a "
@@ -89,8 +90,8 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="training steps (default: the config's)")
   train.add_argument(
       "--out", type=pathlib.Path, metavar="DIR",
-      help="where to write summary.json and tokenizer.png (default: "
-      "./jaxquant_out/tokenizer_<config name>)")
+      help="where to write summary.json, tokenizer.png and the model (tokenizer.json, "
+      "model/) (default: ./jaxquant_out/tokenizer_<config name>)")
   train.set_defaults(run=_tokenizer_train_command)
   return parser
 

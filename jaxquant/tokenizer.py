@@ -51,9 +51,10 @@ Configs are TOML files; the shipped ones are ``configs/tokenizer_<name>.toml``
   seed = 0
 
 ``run(load_config("fsq_1k"), "out/")`` trains, evaluates and writes
-``out/summary.json`` and ``out/tokenizer.png``; so does ``jaxquant tokenizer
-train --config fsq_1k``. Needs scikit-learn, matplotlib and (for the progress
-bar) tqdm: ``pip install 'jaxquant[examples]'``.
+``out/summary.json``, ``out/tokenizer.png`` and the trained model, which
+``load("out/")`` rebuilds; so does ``jaxquant tokenizer train --config fsq_1k``.
+Needs scikit-learn, matplotlib and (for the progress bar) tqdm: ``pip install
+'jaxquant[examples]'``.
 """
 
 from __future__ import annotations
@@ -86,6 +87,8 @@ KINDS = ("fsq", "vq")
 CODEBOOK_LEARNING = ("ema", "gradient")
 SUMMARY_FILE = "summary.json"
 PLOT_FILE = "tokenizer.png"
+MODEL_FILE = "tokenizer.json"  # what rebuilds a saved model: its config and channels
+MODEL_DIR = "model"  # its parameters and codebook state, a `jq.checkpoint`
 _DEFAULT_HOLDOUT = {"photos": 0.2, "digits": 0.25}
 _EVAL_BATCH = 256  # patches per evaluation call (the last batch is padded)
 _PLOT_SAMPLES = 8
@@ -738,6 +741,64 @@ def train(config: TokenizerConfig, data: TokenizerData, *, progress: bool = True
 
 
 # ----------------------------------------------------------------------------
+# Saving and loading.
+
+
+def save(model: Tokenizer, config: TokenizerConfig, path: Union[str, os.PathLike]) -> None:
+  """Writes a trained `model` to the directory `path` (created if needed).
+
+  ``tokenizer.json`` holds the config and image channels; ``model/`` the
+  parameters and codebook state (EMA statistics, k-means flag, restart key) as a
+  `jq.checkpoint`, replaced if it exists.
+  """
+  path = pathlib.Path(path)
+  if path.exists() and not path.is_dir():
+    raise ValueError(f"path={str(path)!r} exists and is not a directory")
+  path.mkdir(parents=True, exist_ok=True)
+  jq.checkpoint.save(path / MODEL_DIR, nnx.to_pure_dict(nnx.state(model)), overwrite=True)
+  description = {"config": dataclasses.asdict(config),
+                 "channels": model.encoder.down[0].in_features}
+  (path / MODEL_FILE).write_text(json.dumps(description, indent=1) + "\n")
+
+
+def _config_from_dict(data: dict[str, Any]) -> TokenizerConfig:
+  """Inverse of ``dataclasses.asdict`` on a `TokenizerConfig` (JSON lists -> tuples)."""
+  section = lambda cls, table: cls(**{k: tuple(v) if isinstance(v, list) else v
+                                      for k, v in table.items()})
+  return TokenizerConfig(
+      name=data["name"], description=data["description"], min_usage=data["min_usage"],
+      **{name: section(cls, data[name]) for name, cls in _SECTIONS.items()})
+
+
+def load(path: Union[str, os.PathLike]) -> tuple[Tokenizer, TokenizerConfig]:
+  """The tokenizer `save` (or `run` with `out`) wrote to `path`, and its config.
+
+  Example:
+    >>> from jaxquant import tokenizer
+    >>> model, config = tokenizer.load("jaxquant_out/tokenizer_fsq_1k")
+    >>> indices = model.encode(images).indices  # images: float32[B, H, W, C] in [0, 1]
+  Raises:
+    FileNotFoundError: `path` holds no saved tokenizer.
+    ValueError: the saved state does not fit the saved config.
+  """
+  path = pathlib.Path(path)
+  if not (path / MODEL_FILE).is_file():
+    raise FileNotFoundError(f"{str(path)!r} holds no saved tokenizer: no {MODEL_FILE}")
+  description = json.loads((path / MODEL_FILE).read_text())
+  config = _config_from_dict(description["config"])
+  model = Tokenizer(config, description["channels"], rngs=nnx.Rngs(0))
+  state = nnx.state(model)
+  saved = jq.checkpoint.restore(path / MODEL_DIR)  # a pure dict
+  shapes = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype), tree)
+  if shapes(saved) != shapes(nnx.to_pure_dict(state)):
+    raise ValueError(f"the state saved in {str(path / MODEL_DIR)!r} does not fit the model "
+                     f"its {MODEL_FILE} describes")
+  nnx.replace_by_pure_dict(state, saved)
+  nnx.update(model, state)
+  return model, config
+
+
+# ----------------------------------------------------------------------------
 # Evaluation.
 
 
@@ -948,7 +1009,8 @@ def run(config: TokenizerConfig, out: Union[str, os.PathLike, None] = None, *,
 
   Args:
     config: the run (``dataclasses.replace(config, train=...)`` to change steps).
-    out: a directory for ``summary.json`` and ``tokenizer.png`` (None: write nothing).
+    out: a directory for ``summary.json``, ``tokenizer.png`` and the trained model
+      (`save`; `load` reads it back); None: write nothing.
     progress: show a tqdm progress bar.
   Returns:
     (the summary dict of `summarize`, the `Evaluation`).
@@ -970,4 +1032,5 @@ def run(config: TokenizerConfig, out: Union[str, os.PathLike, None] = None, *,
     out.mkdir(parents=True, exist_ok=True)
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1) + "\n")
     plot([(summary, evaluation)], out / PLOT_FILE)
+    save(result.model, config, out)
   return summary, evaluation

@@ -293,6 +293,35 @@ def test_evaluate_counts_every_token_and_matches_a_recomputation(tiny_run):
   assert evaluation.psnr_db == pytest.approx(-10 * np.log10(mse), abs=1e-3)
 
 
+@pytest.mark.parametrize("quantizer", [
+    TINY["quantizer"],
+    {"kind": "vq", "num_codes": 16, "kmeans_init": True, "dead_code_threshold": 0.5}],
+    ids=["fsq", "vq_ema"])
+def test_a_saved_tokenizer_loads_back_whole(quantizer, tmp_path):
+  config = tokenizer.parse_config({**TINY, "quantizer": quantizer})
+  data = tokenizer.load_data(config.data)
+  trained = tokenizer.train(config, data, progress=False).model
+  tokenizer.save(trained, config, tmp_path / "tok")
+  model, loaded_config = tokenizer.load(tmp_path / "tok")
+  assert loaded_config == config
+  jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(model)),
+               nnx.to_pure_dict(nnx.state(trained)))
+  images = jnp.asarray(data.holdout[:32])
+  jax.tree.map(np.testing.assert_array_equal, model(images), trained(images))
+
+
+def test_load_errors(tiny_run, tmp_path):
+  with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
+    tokenizer.load(tmp_path)
+  config, _, result = tiny_run
+  tokenizer.save(result.model, config, tmp_path / "tok")
+  described = json.loads((tmp_path / "tok" / "tokenizer.json").read_text())
+  described["channels"] = 3  # a photo model's shapes
+  (tmp_path / "tok" / "tokenizer.json").write_text(json.dumps(described))
+  with pytest.raises(ValueError, match="does not fit the model"):
+    tokenizer.load(tmp_path / "tok")
+
+
 def test_cli_trains_and_writes_the_png_and_summary(tiny_toml, tmp_path, capsys):
   out = tmp_path / "out"
   assert cli.main(["tokenizer", "train", "--config", str(tiny_toml), "--steps", "3",
@@ -307,6 +336,8 @@ def test_cli_trains_and_writes_the_png_and_summary(tiny_toml, tmp_path, capsys):
   assert (f"holdout PSNR {summary['psnr_db']:.2f} dB, codebook usage "
           f"{summary['usage_fraction']:.1%} of 60 codes") in output
   assert (out / "tokenizer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  model, config = tokenizer.load(out)  # the trained model is saved beside them
+  assert config.name == "tiny" and config.train.steps == 3
 
 
 def _error_line(capsys) -> str:
