@@ -547,13 +547,17 @@ class Context:
   variables: Any
   calibration: dict[str, np.ndarray]  # `encode`d calibration sentences
 
+  @property
+  def calibration_batches(self) -> list[tuple[np.ndarray, ...]]:
+    """The calibration split as `capture_linen` batches (length buckets)."""
+    return [tuple(chunk[k] for k in INPUT_KEYS)
+            for _, chunk in length_buckets(self.calibration, CALIBRATION_BATCH)]
+
   @functools.cached_property
   def stats(self) -> dict[str, ptq.LayerStats]:
     """`LayerStats` of each encoder Dense layer's input over the calibration split."""
-    batches = [tuple(chunk[k] for k in INPUT_KEYS)
-               for _, chunk in length_buckets(self.calibration, CALIBRATION_BATCH)]
-    return ptq.capture_linen(self.module, self.variables, batches, pattern=DENSE_LAYERS,
-                             progress=False)
+    return ptq.capture_linen(self.module, self.variables, self.calibration_batches,
+                             pattern=DENSE_LAYERS, progress=False)
 
   @functools.cached_property
   def kernels(self) -> dict[str, jax.Array]:
@@ -590,6 +594,16 @@ def _ptq(algorithm, transform: Optional[Callable] = None,
     return Quantized(ptq.quantize_params(variables, stats,
                                          [ptq.Rule(DENSE_KERNELS, algorithm)],
                                          progress=False), activation_rules)
+  return row
+
+
+def _sequential(algorithm) -> Callable[[Context], Quantized]:
+  """`algorithm` on every Dense kernel in the order the layers run, each from the
+  statistics of the model with the layers before it already quantized."""
+  def row(ctx: Context) -> Quantized:
+    return Quantized(ptq.quantize_linen_sequential(
+        ctx.module, ctx.variables, ctx.calibration_batches,
+        [ptq.Rule(DENSE_KERNELS, algorithm)], progress=False))
   return row
 
 
@@ -684,6 +698,8 @@ ROWS: dict[str, tuple[str, Callable[[Context], Quantized]]] = {
     "w4_g128_rtn_absmax": ("W4 g128 RTN (absmax scales)", _rtn(W4_G128_ABSMAX)),
     "w4_g128_rtn": ("W4 g128 RTN", _rtn(W4_G128)),
     "w4_g128_gptq": ("W4 g128 GPTQ", _ptq(ptq.GPTQ(W4_G128))),
+    "w4_g128_gptq_sequential": ("W4 g128 GPTQ, sequential",
+                                _sequential(ptq.GPTQ(W4_G128))),
     "w4_g128_awq": ("W4 g128 AWQ", _ptq(ptq.AWQ(W4_G128))),
     "nf4_g64": ("NF4 g64 RTN", _rtn(NF4_G64)),
     "w4a8_rtn": ("W4A8 RTN (no smoothing)", _with_int8_activations(_rtn(W4_G128))),
@@ -692,6 +708,8 @@ ROWS: dict[str, tuple[str, Callable[[Context], Quantized]]] = {
                               _ptq(ptq.GPTQ(W4_G128), smoothed, A8)),
     "w3_g128_rtn": ("W3 g128 RTN", _rtn(W3_G128)),
     "w3_g128_gptq": ("W3 g128 GPTQ", _ptq(ptq.GPTQ(W3_G128))),
+    "w3_g128_gptq_sequential": ("W3 g128 GPTQ, sequential",
+                                _sequential(ptq.GPTQ(W3_G128))),
     "w3_g128_gptq_rotated": ("W3 g128 GPTQ + Hadamard rotation",
                              _ptq(ptq.GPTQ(W3_G128), rotated)),
     "mixed_3.5": (f"mixed {{2,3,4,8}} g128 GPTQ, {MIXED_BUDGET} b/w",

@@ -24,7 +24,8 @@ ISSUE_NAMES = {
     "vq.linen": ["FSQ", "ResidualFSQ", "VectorQuantizer", "ResidualVQ", "LFQ", "BSQ"],
     "ptq": ["capture_linen", "capture_nnx", "gptq", "awq", "smoothquant", "random_hadamard",
             "hadamard_transform", "cross_layer_equalize", "bias_correction", "hqq",
-            "allocate_bits", "lora_apply", "lq_lora_init", "quantize_params"],
+            "allocate_bits", "lora_apply", "lq_lora_init", "quantize_params",
+            "quantize_linen_sequential", "quantize_nnx_sequential"],
     "optim": ["adam_8bit", "adamw_8bit", "lion_8bit", "sgd_8bit", "ademamix_8bit",
               "adamw_4bit", "scale_by_adam_8bit"],
 }

@@ -13,7 +13,10 @@ from jaxquant.ptq.driver import GPTQ
 from jaxquant.ptq.driver import RTN
 from jaxquant.ptq.driver import Rule
 from jaxquant.ptq.driver import dequantize_params
+from jaxquant.ptq.driver import quantize_linen_sequential
+from jaxquant.ptq.driver import quantize_nnx_sequential
 from jaxquant.ptq.driver import quantize_params
+from jaxquant.ptq.driver import quantize_sequential
 from jaxquant.ptq.equalization import bias_correction
 from jaxquant.ptq.equalization import cross_layer_equalize
 from jaxquant.ptq.equalization import equalization_scales

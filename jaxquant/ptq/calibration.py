@@ -138,6 +138,31 @@ def _run(step: Callable, batches: Iterable[Any], progress: bool) -> dict[str, La
   return total
 
 
+class Capture:
+  """A jitted capture, compiled once and rerun with other variables.
+
+  ``Capture(step)(*args, batches=...)`` sums ``step(*args, batch)`` (a dict of
+  one batch's `LayerStats`, see `linen_step` / `nnx_step`) over the batches and
+  returns it in the order the layers ran (a jitted function's dict output comes
+  back sorted by key; the order is read from the records while tracing).
+  """
+
+  def __init__(self, step: Callable):
+    self.order: list[str] = []
+
+    def ordered(*args):
+      records = step(*args)
+      self.order.extend(name for name in records if name not in self.order)
+      return records
+
+    self._jitted = jax.jit(ordered)
+
+  def __call__(self, *args, batches: Iterable[Any], progress: bool = False
+               ) -> dict[str, LayerStats]:
+    total = _run(lambda batch: self._jitted(*args, batch), batches, progress)
+    return {name: total[name] for name in self.order if name in total}
+
+
 def _check_pattern(pattern: str) -> None:
   try:
     re.compile(pattern)
@@ -181,7 +206,8 @@ def capture_linen(module: nn.Module, variables: Any, batches: Iterable[Any], *,
     progress: show a tqdm progress bar over batches.
     **kwargs: keyword arguments of the method (e.g. ``deterministic=True``).
   Returns:
-    ``{layer path: LayerStats}``, e.g. ``"encoder/layer_0/attention/query"``
+    ``{layer path: LayerStats}`` in the order the layers ran, e.g.
+    ``"encoder/layer_0/attention/query"``
     (``module.path`` joined with "/"; the kernel is
     ``params/<layer path>/kernel``). A layer called several times per batch
     accumulates all its calls.
@@ -194,6 +220,12 @@ def capture_linen(module: nn.Module, variables: Any, batches: Iterable[Any], *,
     (128, 128)
   """
   _check_pattern(pattern)
+  capture = Capture(linen_step(module, method, pattern, kwargs))
+  return capture(variables, batches=batches, progress=progress)
+
+
+def linen_step(module: nn.Module, method, pattern: str, kwargs: dict) -> Callable:
+  """``step(variables, batch) -> {layer path: LayerStats}`` of one batch (`capture_linen`)."""
 
   def step(variables, batch):
     records: dict[str, LayerStats] = {}
@@ -211,8 +243,7 @@ def capture_linen(module: nn.Module, variables: Any, batches: Iterable[Any], *,
       module.apply(variables, *batch, method=method, **kwargs)
     return records
 
-  jitted = jax.jit(step)
-  return _run(lambda batch: jitted(variables, batch), batches, progress)
+  return step
 
 
 # ----------------------------------------------------------------------------
@@ -245,23 +276,31 @@ def capture_nnx(model: nnx.Module, batches: Iterable[Any], *, pattern: str = ".*
     forward: ``forward(model, *batch)``; defaults to ``model(*batch)``.
     progress: show a tqdm progress bar over batches.
   Returns:
-    ``{layer path: LayerStats}``; the kernel of layer ``layers/0`` is
+    ``{layer path: LayerStats}`` in the order the layers ran; the kernel of layer
+    ``layers/0`` is
     ``layers/0/kernel`` in ``nnx.state(model, nnx.Param)``.
   Raises:
     ValueError: an invalid pattern, no batches, or a selected quantized layer.
   """
   _check_pattern(pattern)
-  forward = forward or (lambda m, *batch: m(*batch))
   for path, node in nnx.graph.iter_graph(model):
     name = "/".join(map(str, path))
     if (isinstance(node, nnx.Linear) and nnx_lib.is_quantized(node)
         and re.fullmatch(pattern, name)):
       raise ValueError(f"{name} runs quantized (jq.nnx.quantize_model); capture_nnx "
                        "needs its float forward pass: capture before quantize_model")
-  graphdef, state = nnx.split(model)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  capture = Capture(nnx_step(graphdef, pattern, forward))
+  return capture(params, rest, batches=batches, progress=progress)
 
-  def step(state, batch):
-    copy = nnx.merge(graphdef, state)
+
+def nnx_step(graphdef, pattern: str, forward: Optional[Callable] = None) -> Callable:
+  """``step(params, rest, batch) -> {layer path: LayerStats}`` of one batch of the model
+  ``nnx.merge(graphdef, params, rest)`` (`capture_nnx`)."""
+  forward = forward or (lambda m, *batch: m(*batch))
+
+  def step(params, rest, batch):
+    copy = nnx.merge(graphdef, params, rest)
     records: dict[str, LayerStats] = {}
     layers = [("/".join(map(str, path)), node) for path, node in nnx.graph.iter_graph(copy)
               if isinstance(node, nnx.Linear)]
@@ -271,5 +310,4 @@ def capture_nnx(model: nnx.Module, batches: Iterable[Any], *, pattern: str = ".*
     forward(copy, *batch)
     return records
 
-  jitted = jax.jit(step)
-  return _run(lambda batch: jitted(state, batch), batches, progress)
+  return step

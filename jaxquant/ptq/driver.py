@@ -8,6 +8,9 @@
     ... ])
     >>> y = model.apply(jq.ptq.dequantize_params(qvars), x)     # evaluate
 
+`quantize_linen_sequential` / `quantize_nnx_sequential` quantize the layers in
+the order they run instead, each from statistics of the partly quantized model.
+
 Kernels replaced by QArrays (RTN, GPTQ) run as they are through
 `jaxquant.linen.apply` / `jaxquant.nnx.quantize_model`; AWQ's explicit-scale
 `AWQResult` leaves need either `dequantize_params` (evaluation) or their scales
@@ -27,15 +30,18 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Sequence, Union
 
+from flax import nnx
 import jax
+import jax.numpy as jnp
 from tqdm import tqdm
 
 from jaxquant import tree as tree_lib
 from jaxquant.ptq.awq import AWQResult
 from jaxquant.ptq.awq import awq
 from jaxquant.ptq.awq import check_awq_args
+from jaxquant.ptq import calibration
 from jaxquant.ptq.calibration import LayerStats
 from jaxquant.ptq.gptq import as_spec
 from jaxquant.ptq.gptq import check_gptq_args
@@ -201,6 +207,49 @@ def _is_quantized(leaf) -> bool:
   return isinstance(leaf, (QArray, AWQResult))
 
 
+class _Job(NamedTuple):
+  index: int  # of the leaf in the flattened params
+  path: str
+  algorithm: Algorithm
+  layer: Optional[str]  # the layer's stats key; None when stats lack the layer
+
+
+def _plan(flat, stats: Mapping[str, LayerStats], rules: Sequence[Rule]) -> list[_Job]:
+  """The leaves of `flat` that `rules` select, each checked against its statistics."""
+  jobs = []
+  for index, (key_path, leaf) in enumerate(flat):
+    if not tree_lib._is_float_array(leaf):  # pylint: disable=protected-access
+      continue
+    path = tree_lib.path_to_str(key_path)
+    algorithm = _algorithm_for(path, rules)
+    if algorithm is None:
+      continue
+    if leaf.ndim < 2:
+      raise ValueError(f"{path} has shape {tuple(leaf.shape)}; PTQ algorithms quantize "
+                       "kernels [in, ...]: restrict the rule's pattern to kernels")
+    key = _layer_key(path, stats)
+    if algorithm.needs_stats and key is None:
+      known = ", ".join(sorted(stats)[:8]) + (", ..." if len(stats) > 8 else "")
+      raise ValueError(f"{path}: {type(algorithm).__name__} needs calibration statistics "
+                       f"of layer {path.rpartition('/')[0]!r}, which stats lack "
+                       f"(stats has: {known or 'nothing'})")
+    shape = tuple(leaf.shape)
+    view = jax.ShapeDtypeStruct((shape[0], math.prod(shape[1:])), leaf.dtype)
+    try:
+      algorithm.check(view, stats[key] if algorithm.needs_stats else None)
+      if len(shape) > 2:
+        _features_spec(algorithm.spec, shape)
+    except ValueError as e:
+      raise ValueError(f"cannot quantize {path} (shape {shape}) with "
+                       f"{type(algorithm).__name__}: {e}") from e
+    jobs.append(_Job(index, path, algorithm, key))
+  return jobs
+
+
+def _stats_for(job: _Job, stats: Mapping[str, LayerStats]) -> Optional[LayerStats]:
+  return stats[job.layer] if job.algorithm.needs_stats else None
+
+
 def quantize_params(params: Any, stats: Mapping[str, LayerStats], rules, *,
                     progress: bool = True) -> Any:
   """Quantizes the kernels of `params` selected by `rules` with their algorithms.
@@ -222,43 +271,100 @@ def quantize_params(params: Any, stats: Mapping[str, LayerStats], rules, *,
       the wrong size, or a spec that does not fit the kernel. All selected
       leaves are checked before any is quantized.
   """
-  rules = _as_rules(rules)
   flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_quantized)
-  jobs = []
-  for index, (key_path, leaf) in enumerate(flat):
-    if not tree_lib._is_float_array(leaf):  # pylint: disable=protected-access
-      continue
-    path = tree_lib.path_to_str(key_path)
-    algorithm = _algorithm_for(path, rules)
-    if algorithm is None:
-      continue
-    if leaf.ndim < 2:
-      raise ValueError(f"{path} has shape {tuple(leaf.shape)}; PTQ algorithms quantize "
-                       "kernels [in, ...]: restrict the rule's pattern to kernels")
-    layer_stats = None
-    if algorithm.needs_stats:
-      key = _layer_key(path, stats)
-      if key is None:
-        known = ", ".join(sorted(stats)[:8]) + (", ..." if len(stats) > 8 else "")
-        raise ValueError(f"{path}: {type(algorithm).__name__} needs calibration statistics "
-                         f"of layer {path.rpartition('/')[0]!r}, which stats lack "
-                         f"(stats has: {known or 'nothing'})")
-      layer_stats = stats[key]
-    shape = tuple(leaf.shape)
-    view = jax.ShapeDtypeStruct((shape[0], math.prod(shape[1:])), leaf.dtype)
-    try:
-      algorithm.check(view, layer_stats)
-      if len(shape) > 2:
-        _features_spec(algorithm.spec, shape)
-    except ValueError as e:
-      raise ValueError(f"cannot quantize {path} (shape {shape}) with "
-                       f"{type(algorithm).__name__}: {e}") from e
-    jobs.append((index, algorithm, layer_stats))
+  jobs = _plan(flat, stats, _as_rules(rules))
   leaves = [leaf for _, leaf in flat]
-  for index, algorithm, layer_stats in tqdm(jobs, desc="quantize", unit="layer",
-                                            disable=not progress):
-    leaves[index] = _run(algorithm, leaves[index], layer_stats)
+  for job in tqdm(jobs, desc="quantize", unit="layer", disable=not progress):
+    leaves[job.index] = _run(job.algorithm, leaves[job.index], _stats_for(job, stats))
   return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def quantize_sequential(params: Any, capture: Callable[[Any], Mapping[str, LayerStats]],
+                        rules, *, progress: bool = True) -> Any:
+  """`quantize_params` layer by layer, each on the inputs of the partly quantized model.
+
+  The selected kernels are quantized in the order their layers run (the order of
+  ``capture(params)``); before each one that needs statistics, `capture` runs on
+  `params` with every kernel quantized so far replaced by its dequantized value,
+  so a layer corrects the error of the layers before it, as GPTQ's reference
+  implementation does. That costs one capture per such layer, except that layers
+  reading the same input (equal statistics, e.g. query, key and value) share one;
+  layers that `capture` does not see come last.
+
+  Args:
+    params: float params that `capture` runs the model with.
+    capture: ``capture(params) -> {layer path: LayerStats}`` over the calibration
+      batches (`quantize_linen_sequential` and `quantize_nnx_sequential` build it).
+    rules: as for `quantize_params`.
+    progress: show a tqdm progress bar over the layers.
+  Returns:
+    `params` with the selected kernels quantized, as `quantize_params` returns them.
+  """
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_quantized)
+  stats = capture(params)
+  order = {layer: position for position, layer in enumerate(stats)}
+  jobs = sorted(_plan(flat, stats, _as_rules(rules)),
+                key=lambda job: order.get(job.layer, len(order)))
+  quantized = [leaf for _, leaf in flat]
+  current = list(quantized)
+  changed = []  # layers quantized since `stats` were captured
+  for job in tqdm(jobs, desc="quantize (sequential)", unit="layer", disable=not progress):
+    if job.algorithm.needs_stats and changed and not _shares_input(job, changed, stats):
+      stats = capture(jax.tree_util.tree_unflatten(treedef, current))
+      changed = []
+    leaf = current[job.index]
+    quantized[job.index] = _run(job.algorithm, leaf, _stats_for(job, stats))
+    current[job.index] = dequantize_params(quantized[job.index], leaf.dtype)
+    changed.append(job.layer)
+  return jax.tree_util.tree_unflatten(treedef, quantized)
+
+
+def _shares_input(job: _Job, changed: list, stats: Mapping[str, LayerStats]) -> bool:
+  """Whether `job`'s layer read the same input as every layer quantized since `stats`.
+
+  Layers fed one tensor (attention's query, key and value) have equal statistics;
+  quantizing one of them cannot change the others' input, so they all take the
+  statistics of one capture.
+  """
+  mine = stats.get(job.layer)
+  return mine is not None and all(
+      layer in stats and all(bool(jnp.array_equal(a, b)) for a, b in zip(stats[layer], mine))
+      for layer in changed)
+
+
+def quantize_linen_sequential(module, variables: Any, batches: Iterable[Any], rules, *,
+                              method=None, progress: bool = True, **kwargs) -> Any:
+  """`quantize_sequential` of a Linen model's `variables` over calibration `batches`.
+
+  The capture (as `capture_linen`, every Dense layer) compiles once and reruns
+  with each partly quantized set of variables. `method` and `kwargs` are those
+  of ``module.apply``. Returns `variables` with the selected kernels quantized.
+
+  Example:
+    >>> spec = jq.QuantSpec("int4", channel_axes=(1,), block_sizes={0: 128})
+    >>> qvars = jq.ptq.quantize_linen_sequential(model, variables, batches,
+    ...     [jq.ptq.Rule(r"params/.*/kernel", jq.ptq.GPTQ(spec))])
+  """
+  batches = list(batches)
+  capture = calibration.Capture(calibration.linen_step(module, method, ".*", kwargs))
+  return quantize_sequential(variables, lambda v: capture(v, batches=batches), rules,
+                             progress=progress)
+
+
+def quantize_nnx_sequential(model, batches: Iterable[Any], rules, *,
+                            forward: Optional[Callable] = None, progress: bool = True
+                            ) -> Any:
+  """`quantize_sequential` of an NNX model over calibration `batches`.
+
+  The capture (as `capture_nnx`, every nnx.Linear) compiles once; the model is
+  not modified. Returns ``nnx.state(model, nnx.Param)`` with the selected
+  kernels quantized (as `quantize_params` on that state).
+  """
+  batches = list(batches)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  capture = calibration.Capture(calibration.nnx_step(graphdef, ".*", forward))
+  return quantize_sequential(params, lambda p: capture(p, rest, batches=batches), rules,
+                             progress=progress)
 
 
 def dequantize_params(params: Any, dtype=None) -> Any:
