@@ -30,6 +30,9 @@ error (calibration "mse"), except where "absmax" says otherwise:
   w4_g128_rtn_absmax     int4 g128 RTN, absmax scales (the plain baseline)
   w4_g128_rtn            int4 g128 RTN
   w4_g128_gptq           int4 g128 GPTQ (act-order, static groups, damp 0.01)
+  w4_g128_gptq_sequential  the same, layer by layer in the order they run, each
+                         from the statistics of the partly quantized model
+                         (`jq.ptq.quantize_linen_sequential`)
   w4_g128_awq            int4 g128 AWQ (scale search, explicit input scales)
   nf4_g64                NF4 in groups of 64, absmax (QLoRA's format)
   w4a8_rtn               w4_g128_rtn with int8 per-token dynamic activations at
@@ -40,6 +43,7 @@ error (calibration "mse"), except where "absmax" says otherwise:
   w4a8_smoothquant_gptq  the same, weights GPTQ
   w3_g128_rtn            int3 g128 RTN
   w3_g128_gptq           int3 g128 GPTQ
+  w3_g128_gptq_sequential  int3 g128 GPTQ, sequential
   w3_g128_gptq_rotated   int3 g128 GPTQ of q^T w with the Hessian q^T H q, the
                          input rotated online by a random Hadamard q (`rotated`)
   mixed_3.5              per-layer widths from {2,3,4,8} (g128, GPTQ) within 3.5
@@ -50,7 +54,7 @@ The script also checks that smoothing and rotation alone leave the float model's
 embeddings unchanged, and prints whether the targets hold: W8 mean cosine >=
 0.999; W4 g128 GPTQ >= 0.99 and better than RTN; rotation improves W3 GPTQ.
 
-  python examples/minilm.py                          # all rows: 4-6 min on 2 busy CPU cores
+  python examples/minilm.py                          # all rows: 10-12 min on 2 CPU cores
   python examples/minilm.py --rows w8_rtn,w4_g128_rtn --json minilm.json
   python examples/minilm.py --num-sentences 48 --rows w8_rtn   # the test's run
 
