@@ -36,7 +36,8 @@ from jaxquant.vq.modules import (BinaryConfig, CodebookConfig, CodebookVars, Ini
                                  VQOutput, binary_codes, binary_output, check_input,
                                  codebook_lookup, codebook_step, default_codebook_init,
                                  check_int, check_rate, draw_num_active, project,
-                                 residual_fsq_active, residual_fsq_codes, residual_step)
+                                 residual_codes, residual_fsq_active, residual_fsq_codes,
+                                 residual_output)
 from jaxquant.vq.scalar import BOUNDS, check_levels, fsq, fsq_indices_to_codes
 
 STATS = "vq_stats"
@@ -226,15 +227,11 @@ class ResidualVQ(nn.Module):
     if train and self.quantizer_dropout > 0:
       num_active = draw_num_active(self.make_rng("dropout"), self.num_stages,
                                    self.quantizer_dropout)
-    stage_fns = [lambda r, a, s=s: s.quantize(r, train=train, active=a)
-                 for s in self.stages]
-    zq, indices, loss = residual_step(stage_fns, x, num_active)
-    return VQOutput(project(self.project_out, zq).astype(z.dtype), indices, loss)
+    return residual_output(self.stages, self.project_out, x, z.dtype, num_active,
+                           train=train)
 
   def indices_to_codes(self, indices: jax.Array) -> jax.Array:
-    codes = sum(codebook_lookup(s.config, s.codebook, indices[..., i])
-                for i, s in enumerate(self.stages))
-    return project(self.project_out, codes)
+    return residual_codes(self.stages, self.project_out, indices)
 
 
 class _BinaryQuantizer(nn.Module):

@@ -248,16 +248,12 @@ class ResidualVQ(nnx.Module):
     num_active = None
     if train and self.quantizer_dropout > 0:
       num_active = draw_num_active(self.rngs(), self.num_stages, self.quantizer_dropout)
-    stage_fns = [lambda r, a, s=s: s.quantize(r, train=train, active=a)
-                 for s in self.stages]
-    zq, indices, loss = residual_step(stage_fns, x, num_active)
-    return VQOutput(project(self.project_out, zq).astype(z.dtype), indices, loss)
+    return residual_output(self.stages, self.project_out, x, z.dtype, num_active,
+                           train=train)
 
   def indices_to_codes(self, indices: jax.Array) -> jax.Array:
     """float32[..., dim]: the summed stage codes of ``indices: int[..., S]``."""
-    codes = sum(codebook_lookup(s.config, s.codebook, indices[..., i])
-                for i, s in enumerate(self.stages))
-    return project(self.project_out, codes)
+    return residual_codes(self.stages, self.project_out, indices)
 
 
 class _BinaryQuantizer(nnx.Module):
@@ -547,6 +543,22 @@ def residual_step(stage_fns: Sequence[Callable], x: jax.Array,
     loss = loss + stage_loss
     all_indices.append(indices)
   return zq_sum, jnp.stack(all_indices, axis=-1), loss
+
+
+def residual_output(stages: Sequence[Any], project_out, x: jax.Array, dtype,
+                    num_active: Optional[jax.Array], *, train: bool) -> VQOutput:
+  """`VQOutput` (in `dtype`) of `residual_step` over VectorQuantizer `stages`
+  (NNX or Linen: anything with ``quantize``), projected out."""
+  stage_fns = [lambda r, a, s=s: s.quantize(r, train=train, active=a) for s in stages]
+  zq, indices, loss = residual_step(stage_fns, x, num_active)
+  return VQOutput(project(project_out, zq).astype(dtype), indices, loss)
+
+
+def residual_codes(stages: Sequence[Any], project_out, indices: jax.Array) -> jax.Array:
+  """float32[..., dim]: the summed codes of `stages` for ``indices: int[..., S]``."""
+  codes = sum(codebook_lookup(s.config, s.codebook, indices[..., i])
+              for i, s in enumerate(stages))
+  return project(project_out, codes)
 
 
 def residual_fsq_active(z: jax.Array, levels: tuple[int, ...], num_stages: int,
