@@ -20,7 +20,8 @@ those) uses fewer, shown for contrast.
 
 It prints a table, writes tokenizers.png (per config: holdout originals over
 reconstructions, and the code-usage histogram) and summary.json to --out, plus
-each config's own summary.json and tokenizer.png in --out/<config>/, exactly what
+each config's own summary.json, tokenizer.png and trained model in --out/<config>/
+(`jaxquant.tokenizer.load` reads it), exactly what
 ``jaxquant tokenizer train --config NAME`` writes. Needs scikit-learn, matplotlib
 and tqdm (pip install 'jaxquant[examples]').
 """

@@ -14,8 +14,8 @@ instead. ``jaxquant tokenizer train`` trains a small VQ/FSQ image tokenizer on
 scikit-learn's sample photographs or digits (see `jaxquant.tokenizer`), prints
 its holdout PSNR and codebook usage, and writes ``summary.json``,
 ``tokenizer.png`` and the trained model (``jaxquant.tokenizer.load`` reads it) to
-``./jaxquant_out/tokenizer_<name>``. Errors print one line
-to stderr and exit with status 2.
+``./jaxquant_out/tokenizer_<name>``. Errors print one line to stderr and exit with
+status 2.
 """
 
 from __future__ import annotations
@@ -254,7 +254,8 @@ def _tokenizer_train_command(args: argparse.Namespace) -> int:
         f"{config.train.steps} steps")
   summary, _ = tokenizer.run(config, out)
   print(tokenizer.describe(summary))
-  print(f"Wrote {out / tokenizer.SUMMARY_FILE} and {out / tokenizer.PLOT_FILE}")
+  print(f"Wrote {out / tokenizer.SUMMARY_FILE}, {out / tokenizer.PLOT_FILE} and the "
+        f"model ({out / tokenizer.MODEL_FILE}, {out / tokenizer.MODEL_DIR})")
   return EXIT_OK
 
 

@@ -779,14 +779,20 @@ def load(path: Union[str, os.PathLike]) -> tuple[Tokenizer, TokenizerConfig]:
     >>> indices = model.encode(images).indices  # images: float32[B, H, W, C] in [0, 1]
   Raises:
     FileNotFoundError: `path` holds no saved tokenizer.
-    ValueError: the saved state does not fit the saved config.
+    ValueError: its tokenizer.json is not a tokenizer description, or the saved
+      state does not fit the config it describes.
   """
   path = pathlib.Path(path)
   if not (path / MODEL_FILE).is_file():
     raise FileNotFoundError(f"{str(path)!r} holds no saved tokenizer: no {MODEL_FILE}")
-  description = json.loads((path / MODEL_FILE).read_text())
-  config = _config_from_dict(description["config"])
-  model = Tokenizer(config, description["channels"], rngs=nnx.Rngs(0))
+  try:
+    description = json.loads((path / MODEL_FILE).read_text())
+    config = _config_from_dict(description["config"])
+    channels = int(description["channels"])
+  except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+    raise ValueError(f"{str(path / MODEL_FILE)!r} does not describe a tokenizer "
+                     f"({type(e).__name__}: {e})") from e
+  model = Tokenizer(config, channels, rngs=nnx.Rngs(0))
   state = nnx.state(model)
   saved = jq.checkpoint.restore(path / MODEL_DIR)  # a pure dict
   shapes = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype), tree)

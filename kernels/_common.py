@@ -64,7 +64,6 @@ def pad_to(x: jax.Array, multiples: tuple[int, ...]) -> jax.Array:
   return jnp.pad(x, widths)
 
 
-
 def out_struct(shape: tuple[int, ...], dtype, *operands: jax.Array) -> jax.ShapeDtypeStruct:
   """`jax.ShapeDtypeStruct` of a kernel output computed from `operands`.
 

@@ -320,6 +320,13 @@ def test_load_errors(tiny_run, tmp_path):
   (tmp_path / "tok" / "tokenizer.json").write_text(json.dumps(described))
   with pytest.raises(ValueError, match="does not fit the model"):
     tokenizer.load(tmp_path / "tok")
+  del described["config"]["model"]  # written by something else
+  (tmp_path / "tok" / "tokenizer.json").write_text(json.dumps(described))
+  with pytest.raises(ValueError, match="does not describe a tokenizer"):
+    tokenizer.load(tmp_path / "tok")
+  (tmp_path / "file").write_text("")
+  with pytest.raises(ValueError, match="exists and is not a directory"):
+    tokenizer.save(result.model, config, tmp_path / "file")
 
 
 def test_cli_trains_and_writes_the_png_and_summary(tiny_toml, tmp_path, capsys):
